@@ -1,0 +1,211 @@
+// The edge of the program: it parses argv, builds the config, the logger and the pool, and
+// is the only place that installs signal handlers or decides an exit code.
+//
+//   0      done
+//   1      a runtime failure
+//   2      a usage or configuration error, one message on stderr naming what to fix
+//   128+n  forced exit on a second signal n
+import { constants } from 'node:os';
+import { parseArgs } from 'node:util';
+import { loadConfig, targetsOf, type Config } from './config.js';
+import { createDaemon } from './daemon.js';
+import { createDatabasePool, createPlainClient } from './db.js';
+import { ConfigurationError } from './errors.js';
+import { applyInstallPlan, buildInstallPlan, formatInstallPlan } from './install.js';
+import { createLogger, serializeError, type Logger } from './logger.js';
+import { describeTarget } from './schema.js';
+import { VERSION } from './version.js';
+
+const USAGE = `token-reaper ${VERSION}: deletes dead refresh tokens and password resets from PostgreSQL.
+
+Usage: token-reaper <command>
+
+Commands:
+  start              run the daemon: the schedule and SIGUSR1 sweeps, until SIGTERM or SIGINT
+  sweep [--dry-run]  run one sweep now and exit; --dry-run counts what would go, deletes nothing
+  install [--print]  apply the SQL objects (idempotent); --print writes the SQL, changes nothing
+  --help, --version
+
+Configuration comes from the environment; the README lists every variable.
+DATABASE_URL (or the PG* variables) names the auth database's primary.`;
+
+/** A graceful stop that has not finished by then is forced; the contract promises 10 s. */
+const GRACEFUL_STOP_LIMIT_MS = 9_000;
+
+type Command = 'start' | 'sweep' | 'install';
+
+const FLAGS: Record<Command, Record<string, { type: 'boolean' }>> = {
+  start: {},
+  sweep: { 'dry-run': { type: 'boolean' } },
+  install: { print: { type: 'boolean' } },
+};
+
+export async function main(argv: readonly string[], environment = process.env): Promise<void> {
+  let invocation: { command: Command; flags: Record<string, boolean | undefined> };
+  let config: Config;
+  try {
+    const parsed = parseInvocation(argv);
+    if (parsed === 'help') return print(USAGE);
+    if (parsed === 'version') return print(VERSION);
+    invocation = parsed;
+    config = loadConfig(environment);
+  } catch (error) {
+    return exitWithError(error);
+  }
+
+  const logger = createLogger({ level: config.logLevel });
+  let code: number;
+  try {
+    code = await COMMANDS[invocation.command](config, logger, invocation.flags);
+  } catch (error) {
+    if (!(error instanceof ConfigurationError)) {
+      logger.error('command.failed', `${invocation.command} failed`, { error });
+    }
+    await logger.flush();
+    return exitWithError(error);
+  }
+  await logger.flush();
+  process.exit(code);
+}
+
+const COMMANDS: Record<
+  Command,
+  (config: Config, logger: Logger, flags: Record<string, boolean | undefined>) => Promise<number>
+> = {
+  async start(config, logger) {
+    const pool = await createDatabasePool(config, logger, {
+      maximumPoolSize: config.sweep.concurrency + 2,
+    });
+    const daemon = createDaemon({ config, logger, pool, version: VERSION });
+    const stopped = new Promise<void>((resolve) =>
+      onStopSignal(logger, () => daemon.stop().then(resolve)),
+    );
+    process.on('SIGUSR1', () => {
+      void daemon.sweep('signal');
+    });
+    try {
+      await daemon.start();
+    } catch (error) {
+      await daemon.stop();
+      throw error;
+    }
+    await stopped;
+    return 0;
+  },
+
+  async sweep(config, logger, flags) {
+    const pool = await createDatabasePool(config, logger, {
+      maximumPoolSize: config.sweep.concurrency + 1,
+    });
+    const daemon = createDaemon({
+      config: { ...config, scheduleEnabled: false },
+      logger,
+      pool,
+      version: VERSION,
+    });
+    onStopSignal(logger, () => daemon.stop());
+    try {
+      const outcome = await daemon.sweep('cli', { dryRun: flags['dry-run'] === true });
+      if (outcome.status === 'finished' && outcome.dryRun) {
+        for (const [table, result] of Object.entries(outcome.tables)) {
+          process.stderr.write(`${table}: ${result.wouldDelete ?? 0} rows would be deleted\n`);
+        }
+      }
+      return outcome.status === 'failed' ? 1 : 0;
+    } finally {
+      await daemon.stop();
+    }
+  },
+
+  async install(config, logger, flags) {
+    const pool = await createDatabasePool(config, logger, { maximumPoolSize: 1 });
+    let shapes;
+    try {
+      shapes = [];
+      for (const target of targetsOf(config)) shapes.push(await describeTarget(pool, target));
+    } finally {
+      await pool.end();
+    }
+    const plan = await buildInstallPlan(config, shapes);
+    if (flags.print) {
+      process.stdout.write(formatInstallPlan(plan));
+      return 0;
+    }
+    const client = createPlainClient(config, logger);
+    await client.connect();
+    try {
+      const result = await applyInstallPlan(client, plan, logger);
+      logger.info(
+        'install.finished',
+        `install finished: ${result.applied.length} applied, ${result.unchanged.length} already in place`,
+        { applied: result.applied, unchanged: result.unchanged },
+      );
+    } finally {
+      await client.end();
+    }
+    return 0;
+  },
+};
+
+function parseInvocation(argv: readonly string[]) {
+  const [first, ...rest] = argv;
+  if (first === undefined || first === '--help' || first === '-h' || first === 'help')
+    return 'help';
+  if (first === '--version' || first === '-v') return 'version';
+  if (!(first in FLAGS)) {
+    throw new ConfigurationError([
+      `unknown command ${JSON.stringify(first)}. Use start, sweep or install; run token-reaper --help for usage.`,
+    ]);
+  }
+  const command = first as Command;
+  try {
+    const { values } = parseArgs({
+      args: [...rest],
+      options: FLAGS[command],
+      strict: true,
+      allowPositionals: false,
+    });
+    return { command, flags: values as Record<string, boolean | undefined> };
+  } catch (error) {
+    const known = Object.keys(FLAGS[command]).map((flag) => `--${flag}`);
+    throw new ConfigurationError([
+      `${(error as Error).message.split('\n')[0]} for ${command}. ${known.length ? `It takes ${known.join(', ')}` : 'It takes no flags'}; run token-reaper --help for usage.`,
+    ]);
+  }
+}
+
+// The first SIGTERM or SIGINT stops gracefully; the same signal again, or a stop that
+// outlives its limit, forces the exit.
+function onStopSignal(logger: Logger, stopGracefully: () => Promise<void>) {
+  let stopping = false;
+  const handle = (signal: 'SIGTERM' | 'SIGINT') => {
+    if (stopping) {
+      process.exit(128 + constants.signals[signal]);
+    }
+    stopping = true;
+    logger.info('daemon.stopping', `${signal} received, stopping`, { signal });
+    setTimeout(() => {
+      logger.error(
+        'daemon.stop_timeout',
+        `graceful stop took over ${GRACEFUL_STOP_LIMIT_MS} ms, forcing exit`,
+      );
+      process.exit(1);
+    }, GRACEFUL_STOP_LIMIT_MS).unref();
+    void stopGracefully();
+  };
+  process.on('SIGTERM', handle);
+  process.on('SIGINT', handle);
+}
+
+function print(text: string) {
+  process.stdout.write(`${text}\n`);
+}
+
+function exitWithError(error: unknown): never {
+  if (error instanceof ConfigurationError) {
+    process.stderr.write(`token-reaper: ${error.problems.join('\ntoken-reaper: ')}\n`);
+    process.exit(2);
+  }
+  process.stderr.write(`token-reaper: ${serializeError(error).message}\n`);
+  process.exit(1);
+}

@@ -1,0 +1,304 @@
+// The only module that reads the environment. It validates every variable, collects every
+// problem, and reports them together, so an operator fixes a broken deployment in one pass
+// instead of one restart per typo. The result is frozen and passed inward from the CLI.
+import { userInfo } from 'node:os';
+import cron from 'node-cron';
+import { parseDsn } from 'slonik';
+import { ConfigurationError } from './errors.js';
+import { redactUrl } from './redact.js';
+
+export const LOG_LEVELS = ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+/** A table name as configured: `table` or `schema.table`, each part used exactly as written. */
+export interface QualifiedName {
+  readonly schema: string | null;
+  readonly name: string;
+}
+
+export type TargetKind = 'refresh_tokens' | 'password_resets';
+
+/**
+ * A table to clean. `markColumn` is the column that marks a row dead besides its expiry:
+ * `revoked`/`revoked_at` for refresh tokens, `used`/`used_at` for password resets. When it
+ * is null the schema introspection picks whichever of the two candidates exists.
+ */
+export interface TargetConfig {
+  readonly kind: TargetKind;
+  readonly table: QualifiedName;
+  readonly idColumn: string;
+  readonly markColumn: string | null;
+  readonly expiresAtColumn: string;
+}
+
+export interface SweepConfig {
+  /** node-cron expression. */
+  readonly schedule: string;
+  /** IANA timezone of the schedule, or null for the process's own. */
+  readonly timezone: string | null;
+  /** Heap pages per TID-range batch: the knob that trades batch length for batch count. */
+  readonly batchPages: number;
+  /** Connections deleting disjoint page ranges at once. */
+  readonly concurrency: number;
+}
+
+export interface Config {
+  readonly databaseUrl: string;
+  readonly notifyChannel: string;
+  readonly refreshTokens: TargetConfig;
+  /** null when PASSWORD_RESETS_TABLE=none. */
+  readonly passwordResets: TargetConfig | null;
+  readonly sweep: SweepConfig;
+  /** Bounds every statement the daemon runs, so a blocked delete fails instead of hanging. */
+  readonly statementTimeoutMs: number;
+  readonly logLevel: LogLevel;
+  /** False when NODE_ENV=test: the story's rule, so tests never fire a sweep at 3 am. */
+  readonly scheduleEnabled: boolean;
+}
+
+export const DEFAULT_SCHEDULE = '0 3 * * *';
+
+type Environment = Readonly<Record<string, string | undefined>>;
+
+// Unquoted identifiers only. Anything else (spaces, quotes, dots inside a name) is far more
+// likely a typo than a real table name, and refusing it keeps every name safe to print.
+const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_$]*$/;
+const MAXIMUM_IDENTIFIER_BYTES = 63;
+
+export function loadConfig(environment: Environment): Config {
+  const problems: string[] = [];
+  const read = (name: string): string | undefined => {
+    const value = environment[name]?.trim();
+    return value === '' ? undefined : value;
+  };
+
+  const databaseUrl = readDatabaseUrl(read, problems);
+
+  const schedule = read('REFRESH_TOKEN_CLEANUP_CRON') ?? DEFAULT_SCHEDULE;
+  const cronCheck = cron.validateDetailed(schedule);
+  if (!cronCheck.valid) {
+    const details = cronCheck.errors.map((error) => `${error.field}: ${error.message}`).join('; ');
+    problems.push(
+      `REFRESH_TOKEN_CLEANUP_CRON=${JSON.stringify(schedule)} is not a valid cron expression` +
+        (details ? ` (${details})` : '') +
+        `. Use five fields, minute hour day-of-month month day-of-week, e.g. "${DEFAULT_SCHEDULE}" for 3 am daily; a sixth leading field means seconds.`,
+    );
+  }
+
+  const timezone = read('CLEANUP_TIMEZONE') ?? null;
+  if (timezone !== null && !isTimezone(timezone)) {
+    problems.push(
+      `CLEANUP_TIMEZONE=${JSON.stringify(timezone)} is not a known IANA timezone. Use a name such as "UTC" or "Europe/Berlin", or unset it to use the process's timezone.`,
+    );
+  }
+
+  const notifyChannel = read('REFRESH_TOKEN_NOTIFY_CHANNEL') ?? 'refresh_token_revoked';
+  checkIdentifier('REFRESH_TOKEN_NOTIFY_CHANNEL', notifyChannel, problems);
+
+  const refreshTokensTable = parseTableName(
+    'REFRESH_TOKENS_TABLE',
+    read('REFRESH_TOKENS_TABLE') ?? 'refresh_tokens',
+    problems,
+  );
+  const refreshTokens = readTarget(read, problems, {
+    kind: 'refresh_tokens',
+    table: refreshTokensTable,
+    prefix: 'REFRESH_TOKENS',
+    markVariable: 'REFRESH_TOKENS_REVOKED_COLUMN',
+  });
+
+  const passwordResetsSetting = read('PASSWORD_RESETS_TABLE') ?? 'password_resets';
+  const passwordResets =
+    passwordResetsSetting.toLowerCase() === 'none'
+      ? null
+      : readTarget(read, problems, {
+          kind: 'password_resets',
+          table: parseTableName('PASSWORD_RESETS_TABLE', passwordResetsSetting, problems),
+          prefix: 'PASSWORD_RESETS',
+          markVariable: 'PASSWORD_RESETS_USED_COLUMN',
+        });
+
+  const batchPages = readInteger(read, problems, 'SWEEP_BATCH_PAGES', 500, 1, 1_000_000);
+  const concurrency = readInteger(read, problems, 'SWEEP_CONCURRENCY', 1, 1, 64);
+  const statementTimeoutMs = readInteger(
+    read,
+    problems,
+    'STATEMENT_TIMEOUT_MS',
+    30_000,
+    1,
+    24 * 60 * 60 * 1000,
+  );
+
+  const logLevelSetting = (read('LOG_LEVEL') ?? 'info').toLowerCase();
+  if (!(LOG_LEVELS as readonly string[]).includes(logLevelSetting)) {
+    problems.push(
+      `LOG_LEVEL=${JSON.stringify(logLevelSetting)} is not a log level. Use one of ${LOG_LEVELS.join(', ')}.`,
+    );
+  }
+
+  if (problems.length > 0) throw new ConfigurationError(problems);
+
+  return deepFreeze({
+    databaseUrl: databaseUrl!,
+    notifyChannel,
+    refreshTokens,
+    passwordResets,
+    sweep: { schedule, timezone, batchPages, concurrency },
+    statementTimeoutMs,
+    logLevel: logLevelSetting as LogLevel,
+    scheduleEnabled: environment.NODE_ENV !== 'test',
+  });
+}
+
+/** The enabled targets, refresh tokens first. */
+export function targetsOf(config: Pick<Config, 'refreshTokens' | 'passwordResets'>) {
+  return config.passwordResets
+    ? [config.refreshTokens, config.passwordResets]
+    : [config.refreshTokens];
+}
+
+export function formatTableName(table: QualifiedName): string {
+  return table.schema === null ? table.name : `${table.schema}.${table.name}`;
+}
+
+function readDatabaseUrl(
+  read: (name: string) => string | undefined,
+  problems: string[],
+): string | undefined {
+  const example = 'postgres://user:password@host:5432/database';
+  const explicit = read('DATABASE_URL');
+  const url = explicit ?? databaseUrlFromPgVariables(read);
+  if (url === undefined) {
+    problems.push(
+      `DATABASE_URL is not set. Set it to the auth database's primary, e.g. ${example}; the standard PGHOST, PGPORT, PGUSER, PGPASSWORD and PGDATABASE variables work as a fallback.`,
+    );
+    return undefined;
+  }
+  const source = explicit === undefined ? 'the PG* variables' : 'DATABASE_URL';
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    problems.push(`${source} is not a valid URL. Use the form ${example}.`);
+    return undefined;
+  }
+  if (parsed.protocol !== 'postgres:' && parsed.protocol !== 'postgresql:') {
+    problems.push(
+      `${source} must start with postgres:// or postgresql://, not ${parsed.protocol}//. Use the form ${example}.`,
+    );
+    return undefined;
+  }
+  try {
+    // The pool parses the URL with this same function; checking it here turns its
+    // failure at the first query into a configuration error at startup.
+    parseDsn(url);
+  } catch {
+    problems.push(
+      `${source} (${redactUrl(url)}) has a parameter token-reaper cannot use. Supported: sslmode=disable|no-verify|require, sslcert, sslkey, sslrootcert, application_name, options, host (a socket directory).`,
+    );
+    return undefined;
+  }
+  return url;
+}
+
+// psql's fallbacks: a socket directory in PGHOST becomes the `host` query parameter.
+function databaseUrlFromPgVariables(read: (name: string) => string | undefined) {
+  const host = read('PGHOST');
+  const database = read('PGDATABASE');
+  const user = read('PGUSER');
+  if (host === undefined && database === undefined && user === undefined) return undefined;
+  const username = user ?? userInfo().username;
+  const url = new URL('postgres://localhost');
+  url.username = encodeURIComponent(username);
+  const password = read('PGPASSWORD');
+  if (password !== undefined) url.password = encodeURIComponent(password);
+  if (host?.startsWith('/')) url.searchParams.set('host', host);
+  else if (host !== undefined) url.hostname = host;
+  const port = read('PGPORT');
+  if (port !== undefined) url.port = port;
+  url.pathname = `/${encodeURIComponent(database ?? username)}`;
+  const sslMode = read('PGSSLMODE');
+  if (sslMode !== undefined) url.searchParams.set('sslmode', sslMode);
+  return url.toString();
+}
+
+function readTarget(
+  read: (name: string) => string | undefined,
+  problems: string[],
+  target: { kind: TargetKind; table: QualifiedName; prefix: string; markVariable: string },
+): TargetConfig {
+  const column = (variable: string, fallback: string | null) => {
+    const value = read(variable) ?? fallback;
+    if (value !== null) checkIdentifier(variable, value, problems);
+    return value;
+  };
+  return {
+    kind: target.kind,
+    table: target.table,
+    idColumn: column(`${target.prefix}_ID_COLUMN`, 'id')!,
+    markColumn: column(target.markVariable, null),
+    expiresAtColumn: column(`${target.prefix}_EXPIRES_AT_COLUMN`, 'expires_at')!,
+  };
+}
+
+function parseTableName(variable: string, value: string, problems: string[]): QualifiedName {
+  const parts = value.split('.');
+  const valid =
+    parts.length <= 2 &&
+    parts.every(
+      (part) => IDENTIFIER.test(part) && Buffer.byteLength(part) <= MAXIMUM_IDENTIFIER_BYTES,
+    );
+  if (!valid) {
+    problems.push(
+      `${variable}=${JSON.stringify(value)} is not a table name. Use table or schema.table, each part letters, digits, _ or $, not starting with a digit, at most 63 bytes; names are used exactly as written (case-sensitive).`,
+    );
+  }
+  return parts.length === 2
+    ? { schema: parts[0]!, name: parts[1]! }
+    : { schema: null, name: value };
+}
+
+function checkIdentifier(variable: string, value: string, problems: string[]) {
+  if (!IDENTIFIER.test(value) || Buffer.byteLength(value) > MAXIMUM_IDENTIFIER_BYTES) {
+    problems.push(
+      `${variable}=${JSON.stringify(value)} is not a valid name. Use letters, digits, _ or $, not starting with a digit, at most 63 bytes.`,
+    );
+  }
+}
+
+function readInteger(
+  read: (name: string) => string | undefined,
+  problems: string[],
+  variable: string,
+  fallback: number,
+  minimum: number,
+  maximum: number,
+): number {
+  const value = read(variable);
+  if (value === undefined) return fallback;
+  const number = Number(value);
+  if (!/^\d+$/.test(value) || number < minimum || number > maximum) {
+    problems.push(
+      `${variable}=${JSON.stringify(value)} is not a whole number from ${minimum} to ${maximum}. Unset it for the default, ${fallback}.`,
+    );
+    return fallback;
+  }
+  return number;
+}
+
+function isTimezone(name: string) {
+  try {
+    new Intl.DateTimeFormat('en-US', { timeZone: name });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value !== null && typeof value === 'object') {
+    for (const member of Object.values(value)) deepFreeze(member);
+    Object.freeze(value);
+  }
+  return value;
+}

@@ -1,0 +1,80 @@
+// Wires the parts together. start() and stop() are idempotent: a second call gets the
+// promise of the first. Shutdown runs in a fixed order, each step bounded by the one before:
+// the schedule stops firing, a running sweep stops between batches (its batch in flight
+// commits or rolls back whole), and only then is the pool closed.
+import type { DatabasePool } from 'slonik';
+import { formatTableName, targetsOf, type Config } from './config.js';
+import type { Logger } from './logger.js';
+import { startSchedule, type Schedule } from './scheduler.js';
+import { describeTarget, qualifiedName, type TableShape } from './schema.js';
+import {
+  createSweeper,
+  type SweepOptions,
+  type SweepOutcome,
+  type SweepTrigger,
+} from './sweep/sweeper.js';
+
+export interface Daemon {
+  start(): Promise<void>;
+  stop(): Promise<void>;
+  sweep(trigger: SweepTrigger, options?: SweepOptions): Promise<SweepOutcome>;
+}
+
+export interface DaemonDependencies {
+  config: Config;
+  logger: Logger;
+  /** The daemon owns the pool from here on: stop() ends it. */
+  pool: DatabasePool;
+  version: string;
+}
+
+export function createDaemon({ config, logger, pool, version }: DaemonDependencies): Daemon {
+  const log = logger.child('daemon');
+  const sweeper = createSweeper({ pool, config, logger });
+  let schedule: Schedule | null = null;
+  let starting: Promise<void> | null = null;
+  let stopping: Promise<void> | null = null;
+
+  const start = async () => {
+    // Fail fast on a wrong table or column: exit 2 now beats a failed sweep at 3 am.
+    const shapes: TableShape[] = [];
+    for (const target of targetsOf(config)) shapes.push(await describeTarget(pool, target));
+    if (config.scheduleEnabled) {
+      schedule = startSchedule({
+        expression: config.sweep.schedule,
+        timezone: config.sweep.timezone,
+        logger,
+        onTick: () => sweeper.sweep('schedule'),
+      });
+    }
+    log.info('daemon.started', `token-reaper ${version} started`, {
+      version,
+      channel: config.notifyChannel,
+      schedule: schedule ? config.sweep.schedule : null,
+      timezone: config.sweep.timezone,
+      nextSweepAt: schedule?.nextRun()?.toISOString() ?? null,
+      targets: shapes.map((shape) => ({
+        table: qualifiedName(shape.relation),
+        configured: formatTableName(shape.target.table),
+        kind: shape.target.kind,
+        markColumn: shape.markColumn,
+        markShape: shape.markShape,
+        partitioned: shape.partitioned,
+      })),
+    });
+  };
+
+  const stop = async () => {
+    await starting?.catch(() => undefined);
+    await schedule?.stop();
+    await sweeper.stop();
+    await pool.end();
+    log.info('daemon.stopped', 'token-reaper stopped');
+  };
+
+  return {
+    start: () => (starting ??= start()),
+    stop: () => (stopping ??= stop()),
+    sweep: (trigger, options) => sweeper.sweep(trigger, options),
+  };
+}

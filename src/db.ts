@@ -1,0 +1,54 @@
+// Two kinds of connection. Runtime queries go through a slonik pool: typed templates, escaped
+// identifiers, a statement timeout on every connection. Multi-statement SQL (the files under
+// sql/) goes through a plain pg client, because slonik runs exactly one statement per query.
+import pg from 'pg';
+import { createPool, type DatabasePool } from 'slonik';
+import type { Config } from './config.js';
+import type { Logger } from './logger.js';
+
+export const APPLICATION_NAME = 'token-reaper';
+
+export interface PoolOptions {
+  /** Connections the pool may open; the sweep needs its concurrency plus one for its lock. */
+  maximumPoolSize: number;
+}
+
+export async function createDatabasePool(
+  config: Pick<Config, 'databaseUrl' | 'statementTimeoutMs'>,
+  logger: Logger,
+  options: PoolOptions,
+): Promise<DatabasePool> {
+  const pool = await createPool(withApplicationName(config.databaseUrl), {
+    maximumPoolSize: options.maximumPoolSize,
+    statementTimeout: config.statementTimeoutMs,
+    connectionTimeout: 10_000,
+    // Failures are handled by whoever ran the query: a sweep logs and waits for the next
+    // run. Retrying here would only hide a database that is going away.
+    connectionRetryLimit: 0,
+    queryRetryLimit: 0,
+    transactionRetryLimit: 0,
+  });
+  // An idle connection that dies (a server restart, pg_terminate_backend) is reported here;
+  // without a listener the EventEmitter would throw and take the daemon down.
+  pool.on('error', (error) => {
+    logger.warn('database.connection_lost', 'an idle database connection was lost', { error });
+  });
+  return pool;
+}
+
+/** A plain pg client for multi-statement SQL; the caller connects and ends it. */
+export function createPlainClient(config: Pick<Config, 'databaseUrl'>, logger: Logger) {
+  const client = new pg.Client({ connectionString: withApplicationName(config.databaseUrl) });
+  client.on('error', (error) => {
+    logger.warn('database.connection_lost', 'a database connection was lost', { error });
+  });
+  return client;
+}
+
+function withApplicationName(databaseUrl: string) {
+  const url = new URL(databaseUrl);
+  if (!url.searchParams.has('application_name')) {
+    url.searchParams.set('application_name', APPLICATION_NAME);
+  }
+  return url.toString();
+}

@@ -1,0 +1,309 @@
+// `install` applies the numbered files under sql/, rendered for this database's tables and
+// columns. One plan serves both uses: `install --print` writes it out, `install` runs it.
+//
+// Each file runs in its own transaction, with its version row recorded in the same
+// transaction, except the index builds: CREATE INDEX CONCURRENTLY cannot run inside a
+// transaction, so those run alone and are recorded right after. Installers that race are
+// serialized by a session advisory lock taken before anything else, so neither transaction
+// boundaries nor IF NOT EXISTS have to carry the race.
+//
+// A concurrent index build that fails (a killed session, a deadlock) leaves an INVALID
+// index behind, which IF NOT EXISTS would then skip forever. Before each build the plan's
+// index is checked, and an invalid leftover is dropped concurrently and built again.
+import { createHash } from 'node:crypto';
+import { readdir, readFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
+import type pg from 'pg';
+import { escapeIdentifier, escapeLiteral } from 'pg';
+import type { Config, TargetKind } from './config.js';
+import { NewerSchemaVersionError } from './errors.js';
+import type { Logger } from './logger.js';
+import type { TableShape } from './schema.js';
+import { SWEEP_LOCK } from './sweep/sweeper.js';
+
+export const SQL_DIRECTORY = fileURLToPath(new URL('../sql/', import.meta.url));
+
+/** Object 2 in token-reaper's advisory lock class: install. */
+const INSTALL_LOCK = { classId: SWEEP_LOCK.classId, objectId: 2 } as const;
+
+export interface InstallStep {
+  version: number;
+  file: string;
+  transactional: boolean;
+  /** The file rendered for this database. */
+  sql: string;
+  checksum: string;
+  /** The index the step builds concurrently, if it does. */
+  index: { schema: string; name: string } | null;
+  /** Records the step in token_reaper.schema_version. */
+  recordSql: string;
+}
+
+interface SqlFile {
+  version: number;
+  file: string;
+  text: string;
+  target: TargetKind | 'all';
+  transactional: boolean;
+  indexVariable: string | null;
+}
+
+const DIRECTIVE = /^-- token-reaper: (.*)$/m;
+
+export async function readSqlFiles(directory = SQL_DIRECTORY): Promise<SqlFile[]> {
+  const names = (await readdir(directory)).filter((name) => /^\d{3}-.*\.sql$/.test(name)).sort();
+  return Promise.all(
+    names.map(async (file) => {
+      const text = await readFile(new URL(file, `file://${directory}`), 'utf8');
+      const settings = new Map(
+        (DIRECTIVE.exec(text)?.[1] ?? '').split(/\s+/).map((pair) => {
+          const [key, value] = pair.split('=');
+          return [key, value] as const;
+        }),
+      );
+      const target = settings.get('target');
+      if (target !== 'all' && target !== 'refresh_tokens' && target !== 'password_resets') {
+        throw new Error(`sql/${file} has no valid "-- token-reaper: target=…" directive`);
+      }
+      return {
+        version: Number(file.slice(0, 3)),
+        file,
+        text,
+        target,
+        transactional: settings.get('transaction') !== 'none',
+        indexVariable: settings.get('index') ?? null,
+      };
+    }),
+  );
+}
+
+/** The psql-style variables the files use: :"identifier", :'literal' and :raw_fragment. */
+export function templateVariables(
+  config: Pick<Config, 'notifyChannel'>,
+  shapes: readonly TableShape[],
+): Map<string, { identifier: string } | { literal: string } | { fragment: string }> {
+  const variables = new Map<
+    string,
+    { identifier: string } | { literal: string } | { fragment: string }
+  >();
+  variables.set('notify_channel', { literal: config.notifyChannel });
+  for (const shape of shapes) {
+    const prefix = shape.target.kind;
+    const mark = escapeIdentifier(shape.markColumn);
+    variables.set(`${prefix}_schema`, { identifier: shape.relation.schema });
+    variables.set(`${prefix}_table`, { identifier: shape.relation.name });
+    variables.set(`${prefix}_id_column`, { identifier: shape.idColumn });
+    variables.set(`${prefix}_expires_at_column`, { identifier: shape.expiresAtColumn });
+    variables.set(`${prefix}_expiry_index`, {
+      identifier: indexName(shape.relation.name, shape.expiresAtColumn),
+    });
+    if (prefix === 'refresh_tokens') {
+      variables.set('refresh_tokens_revoked_column', { identifier: shape.markColumn });
+      variables.set('refresh_tokens_revoked_index', {
+        identifier: indexName(shape.relation.name, shape.markColumn),
+      });
+      // Not revoked before, revoked now. IS TRUE / IS NOT TRUE so that NULLs never fire.
+      variables.set('refresh_tokens_revoked_condition', {
+        fragment:
+          shape.markShape === 'boolean'
+            ? `NEW.${mark} IS TRUE AND OLD.${mark} IS NOT TRUE`
+            : `NEW.${mark} IS NOT NULL AND OLD.${mark} IS NULL`,
+      });
+      variables.set('refresh_tokens_revoked_predicate', {
+        fragment: shape.markShape === 'boolean' ? mark : `${mark} IS NOT NULL`,
+      });
+    }
+  }
+  return variables;
+}
+
+// `:name`, `:"name"` or `:'name'`, but not the second colon of a `::type` cast.
+const VARIABLE = /(?<![:\w]):(?:"(\w+)"|'(\w+)'|(\w+))/g;
+
+export function renderSql(
+  text: string,
+  variables: ReturnType<typeof templateVariables>,
+  file: string,
+): string {
+  return text.replace(VARIABLE, (match, quoted?: string, literal?: string, raw?: string) => {
+    const name = (quoted ?? literal ?? raw)!;
+    const value = variables.get(name);
+    if (value === undefined) throw new Error(`sql/${file} uses unknown variable ${match}`);
+    if (quoted !== undefined && 'identifier' in value) return escapeIdentifier(value.identifier);
+    if (literal !== undefined && 'literal' in value) return escapeLiteral(value.literal);
+    if (literal !== undefined && 'identifier' in value) return escapeLiteral(value.identifier);
+    if (raw !== undefined && 'fragment' in value) return value.fragment;
+    throw new Error(`sql/${file} uses ${match} in a form its value does not have`);
+  });
+}
+
+export async function buildInstallPlan(
+  config: Pick<Config, 'notifyChannel'>,
+  shapes: readonly TableShape[],
+  directory = SQL_DIRECTORY,
+): Promise<InstallStep[]> {
+  const kinds = new Set<string>(['all', ...shapes.map((shape) => shape.target.kind)]);
+  const variables = templateVariables(config, shapes);
+  const files = (await readSqlFiles(directory)).filter((file) => kinds.has(file.target));
+  return files.map((file) => {
+    const sql = renderSql(file.text, variables, file.file).trim();
+    const checksum = createHash('sha256').update(sql).digest('hex').slice(0, 16);
+    const index =
+      file.indexVariable === null
+        ? null
+        : {
+            schema: schemaOfTarget(shapes, file.target),
+            name: (variables.get(file.indexVariable) as { identifier: string }).identifier,
+          };
+    return {
+      version: file.version,
+      file: file.file,
+      transactional: file.transactional,
+      sql,
+      checksum,
+      index,
+      recordSql:
+        `INSERT INTO token_reaper.schema_version (version, name, checksum) ` +
+        `VALUES (${file.version}, ${escapeLiteral(file.file)}, ${escapeLiteral(checksum)}) ` +
+        `ON CONFLICT (version) DO UPDATE SET name = EXCLUDED.name, ` +
+        `checksum = EXCLUDED.checksum, applied_at = now();`,
+    };
+  });
+}
+
+/** The plan as one SQL script, for a DBA to review or to put into their own migrations. */
+export function formatInstallPlan(steps: readonly InstallStep[]): string {
+  const parts = ['-- token-reaper install plan: the SQL `token-reaper install` runs, in order.'];
+  for (const step of steps) {
+    parts.push(
+      step.transactional
+        ? `-- ${step.file}\nBEGIN;\n${step.sql}\n${step.recordSql}\nCOMMIT;`
+        : `-- ${step.file} (outside a transaction: CREATE INDEX CONCURRENTLY cannot run in one)\n${step.sql}\n${step.recordSql}`,
+    );
+  }
+  return `${parts.join('\n\n')}\n`;
+}
+
+export interface InstallResult {
+  applied: string[];
+  unchanged: string[];
+}
+
+export async function applyInstallPlan(
+  client: pg.Client,
+  steps: readonly InstallStep[],
+  logger: Logger,
+): Promise<InstallResult> {
+  const log = logger.child('install');
+  await client.query('SELECT pg_advisory_lock($1, $2)', [
+    INSTALL_LOCK.classId,
+    INSTALL_LOCK.objectId,
+  ]);
+  try {
+    const recorded = await recordedVersions(client);
+    const newest = Math.max(0, ...recorded.keys());
+    const known = Math.max(0, ...steps.map((step) => step.version));
+    if (newest > known) {
+      throw new NewerSchemaVersionError([
+        `the database's token_reaper schema is at version ${newest}, newer than this token-reaper knows (${known}). Upgrade token-reaper.`,
+      ]);
+    }
+    const result: InstallResult = { applied: [], unchanged: [] };
+    for (const step of steps) {
+      if (recorded.get(step.version) === step.checksum) {
+        result.unchanged.push(step.file);
+        continue;
+      }
+      const started = performance.now();
+      if (step.transactional) {
+        await inTransaction(client, async () => {
+          await client.query(step.sql);
+          await client.query(step.recordSql);
+        });
+      } else {
+        if (step.index) await dropInvalidIndex(client, step.index, log);
+        log.info(
+          'install.building_index',
+          `building ${step.index?.name ?? 'an index'} concurrently`,
+          {
+            file: step.file,
+          },
+        );
+        await client.query(step.sql);
+        await client.query(step.recordSql);
+      }
+      result.applied.push(step.file);
+      log.info('install.applied', `applied ${step.file}`, {
+        file: step.file,
+        version: step.version,
+        durationMs: Math.round(performance.now() - started),
+      });
+    }
+    return result;
+  } finally {
+    await client.query('SELECT pg_advisory_unlock($1, $2)', [
+      INSTALL_LOCK.classId,
+      INSTALL_LOCK.objectId,
+    ]);
+  }
+}
+
+async function recordedVersions(client: pg.Client): Promise<Map<number, string>> {
+  const exists = await client.query<{ present: boolean }>(
+    `SELECT to_regclass('token_reaper.schema_version') IS NOT NULL AS present`,
+  );
+  if (!exists.rows[0]?.present) return new Map();
+  const rows = await client.query<{ version: number; checksum: string }>(
+    'SELECT version, checksum FROM token_reaper.schema_version',
+  );
+  return new Map(rows.rows.map((row) => [row.version, row.checksum]));
+}
+
+async function inTransaction(client: pg.Client, work: () => Promise<void>) {
+  await client.query('BEGIN');
+  try {
+    await work();
+    await client.query('COMMIT');
+  } catch (error) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw error;
+  }
+}
+
+async function dropInvalidIndex(
+  client: pg.Client,
+  index: { schema: string; name: string },
+  log: Logger,
+) {
+  const invalid = await client.query(
+    `SELECT 1 FROM pg_catalog.pg_index i
+     JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = $1 AND c.relname = $2 AND NOT i.indisvalid`,
+    [index.schema, index.name],
+  );
+  if (invalid.rowCount === 0) return;
+  log.warn(
+    'install.invalid_index',
+    `dropping ${index.name}, left invalid by an interrupted build`,
+    {
+      index: `${index.schema}.${index.name}`,
+    },
+  );
+  await client.query(
+    `DROP INDEX CONCURRENTLY IF EXISTS ${escapeIdentifier(index.schema)}.${escapeIdentifier(index.name)}`,
+  );
+}
+
+// PostgreSQL truncates names to 63 bytes; doing it here keeps the name we check for invalid
+// leftovers the same as the name the server creates.
+function indexName(table: string, column: string) {
+  const name = `${table}_${column}_idx`;
+  return Buffer.from(name).subarray(0, 63).toString();
+}
+
+function schemaOfTarget(shapes: readonly TableShape[], kind: TargetKind | 'all') {
+  const shape = shapes.find((candidate) => candidate.target.kind === kind);
+  if (!shape) throw new Error(`no table shape for ${kind}`);
+  return shape.relation.schema;
+}

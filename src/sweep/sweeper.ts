@@ -1,0 +1,205 @@
+// One sweep at a time, everywhere. Within the process a request that arrives while a sweep
+// runs joins it instead of starting another (node-cron's own noOverlap does not cover
+// task.execute(), and SIGUSR1 bypasses node-cron entirely). Across replicas a session-level
+// advisory lock decides: the replica that does not get it logs `sweep.skipped`. The lock
+// lives on a connection held for the whole sweep, so a crashed replica releases it with its
+// connection.
+//
+// A sweep never throws: every failure ends as a `sweep.failed` line and a resolved outcome,
+// so nothing can escape into node-cron or a signal handler and crash the daemon.
+import { sql, type DatabasePool } from 'slonik';
+import { z } from 'zod';
+import { targetsOf, type Config } from '../config.js';
+import type { Logger } from '../logger.js';
+import { deadPredicate } from '../predicates.js';
+import { describeTarget, qualifiedName } from '../schema.js';
+import { walkTidRanges } from './tid-range.js';
+
+export type SweepTrigger = 'schedule' | 'signal' | 'cli';
+
+export interface SweepOptions {
+  /** Count what would be deleted, delete nothing. */
+  dryRun?: boolean;
+}
+
+export interface TableSweepResult {
+  deleted: number;
+  /** Dry runs only: the rows a real sweep would delete now. */
+  wouldDelete?: number;
+  batches: number;
+  partitionsDropped: number;
+  durationMs: number;
+}
+
+export type SweepOutcome =
+  | {
+      status: 'finished';
+      trigger: SweepTrigger;
+      dryRun: boolean;
+      /** True when a stop request ended the sweep between batches. */
+      interrupted: boolean;
+      deleted: number;
+      durationMs: number;
+      tables: Record<string, TableSweepResult>;
+    }
+  | { status: 'skipped'; trigger: SweepTrigger; reason: string }
+  | { status: 'failed'; trigger: SweepTrigger; error: unknown; durationMs: number };
+
+export interface Sweeper {
+  sweep(trigger: SweepTrigger, options?: SweepOptions): Promise<SweepOutcome>;
+  /** Stops a running sweep between batches and waits for it; later requests are skipped. */
+  stop(): Promise<void>;
+}
+
+/**
+ * The advisory lock key, in the two-integer form so it cannot collide with an application
+ * that uses the one-bigint form. 0x746b7270 spells "tkrp"; object 1 is the sweep.
+ */
+export const SWEEP_LOCK = { classId: 0x746b7270, objectId: 1 } as const;
+
+export interface SweeperDependencies {
+  pool: DatabasePool;
+  config: Pick<Config, 'refreshTokens' | 'passwordResets' | 'sweep'>;
+  logger: Logger;
+}
+
+const lockedRow = z.object({ locked: z.boolean() });
+
+export function createSweeper({ pool, config, logger }: SweeperDependencies): Sweeper {
+  const log = logger.child('sweep');
+  const abort = new AbortController();
+  let running: { trigger: SweepTrigger; outcome: Promise<SweepOutcome> } | null = null;
+
+  const skip = (trigger: SweepTrigger, reason: string): SweepOutcome => {
+    log.info('sweep.skipped', `sweep skipped: ${reason}`, { trigger, reason });
+    return { status: 'skipped', trigger, reason };
+  };
+
+  const run = async (trigger: SweepTrigger, dryRun: boolean): Promise<SweepOutcome> => {
+    const started = performance.now();
+    const elapsed = () => Math.round(performance.now() - started);
+    try {
+      return await pool.connect(async (connection) => {
+        // A dry run deletes nothing, so it needs no lock and never waits on another sweep.
+        if (!dryRun) {
+          const locked = await connection.oneFirst(sql.type(lockedRow)`
+            SELECT pg_try_advisory_lock(${SWEEP_LOCK.classId}, ${SWEEP_LOCK.objectId}) AS locked
+          `);
+          if (!locked) return skip(trigger, 'another token-reaper is sweeping this database');
+        }
+        try {
+          log.info('sweep.started', dryRun ? 'dry run started' : 'sweep started', {
+            trigger,
+            dryRun,
+          });
+          const tables: Record<string, TableSweepResult> = {};
+          let deleted = 0;
+          for (const target of targetsOf(config)) {
+            if (abort.signal.aborted) break;
+            const tableStarted = performance.now();
+            const shape = await describeTarget(connection, target);
+            const table = qualifiedName(shape.relation);
+            let rows = 0;
+            let batches = 0;
+            for (const leaf of shape.leaves) {
+              const result = await walkTidRanges({
+                pool,
+                relation: leaf,
+                deadPredicate: deadPredicate(shape),
+                batchPages: config.sweep.batchPages,
+                concurrency: config.sweep.concurrency,
+                mode: dryRun ? 'count' : 'delete',
+                signal: abort.signal,
+                onBatch: (batch) =>
+                  log.debug('sweep.batch', 'batch done', {
+                    table: qualifiedName(batch.relation),
+                    fromPage: batch.fromPage,
+                    toPage: batch.toPage,
+                    [dryRun ? 'wouldDelete' : 'deleted']: batch.rows,
+                    durationMs: batch.durationMs,
+                  }),
+              });
+              rows += result.rows;
+              batches += result.batches;
+            }
+            deleted += dryRun ? 0 : rows;
+            tables[table] = {
+              deleted: dryRun ? 0 : rows,
+              ...(dryRun ? { wouldDelete: rows } : {}),
+              batches,
+              partitionsDropped: 0,
+              durationMs: Math.round(performance.now() - tableStarted),
+            };
+          }
+          const outcome: SweepOutcome = {
+            status: 'finished',
+            trigger,
+            dryRun,
+            interrupted: abort.signal.aborted,
+            deleted,
+            durationMs: elapsed(),
+            tables,
+          };
+          const wouldDelete = Object.values(tables).reduce(
+            (sum, table) => sum + (table.wouldDelete ?? 0),
+            0,
+          );
+          log.info(
+            'sweep.finished',
+            dryRun
+              ? `dry run finished: ${wouldDelete} rows would be deleted`
+              : `sweep ${outcome.interrupted ? 'interrupted' : 'finished'}: ${deleted} rows deleted in ${outcome.durationMs} ms`,
+            {
+              trigger,
+              deleted,
+              durationMs: outcome.durationMs,
+              tables,
+              ...(dryRun ? { dryRun, wouldDelete } : {}),
+              ...(outcome.interrupted ? { interrupted: true } : {}),
+            },
+          );
+          return outcome;
+        } finally {
+          if (!dryRun) {
+            // If the connection is gone, so is its lock; nothing to report then.
+            await connection
+              .query(
+                sql.unsafe`SELECT pg_advisory_unlock(${SWEEP_LOCK.classId}, ${SWEEP_LOCK.objectId})`,
+              )
+              .catch(() => undefined);
+          }
+        }
+      });
+    } catch (error) {
+      const durationMs = elapsed();
+      log.error('sweep.failed', 'sweep failed; the next sweep will try again', {
+        trigger,
+        error,
+        durationMs,
+      });
+      return { status: 'failed', trigger, error, durationMs };
+    }
+  };
+
+  return {
+    sweep(trigger, options = {}) {
+      if (abort.signal.aborted) return Promise.resolve(skip(trigger, 'token-reaper is stopping'));
+      if (running) {
+        log.info('sweep.joined', `a sweep is already running; this ${trigger} request joins it`, {
+          trigger,
+          runningTrigger: running.trigger,
+        });
+        return running.outcome;
+      }
+      const outcome = run(trigger, options.dryRun ?? false).finally(() => {
+        running = null;
+      });
+      running = { trigger, outcome };
+      return outcome;
+    },
+    async stop() {
+      abort.abort();
+      await running?.outcome;
+    },
+  };
+}

@@ -1,0 +1,106 @@
+// The default strategy for a plain table: walk the heap once, from page 0 to the size it had
+// when the sweep started, in ranges of `batchPages` pages. Each range is one statement,
+//
+//   DELETE FROM t WHERE ctid >= '(from,0)' AND ctid < '(to,0)' AND <dead predicate>
+//
+// which PostgreSQL 14+ runs as a TID Range Scan: it reads exactly those pages and nothing
+// else. Unlike `DELETE … WHERE id IN (SELECT … LIMIT n)`, no batch rescans the dead tuples
+// that earlier batches left behind, so the whole walk costs about what one big DELETE costs
+// (DESIGN.md measured 0.9–1.0×), while each batch is its own short transaction: locks are
+// held for milliseconds, vacuum is never held back for long, and WAL comes in small pieces.
+//
+// The same walk counts instead of deleting for a dry run, so `--dry-run` reads the table
+// exactly as gently as the real sweep would.
+import { sql, type DatabasePool, type FragmentSqlToken } from 'slonik';
+import { z } from 'zod';
+import { qualifiedName, relationIdentifier, type Relation } from '../schema.js';
+
+export type BatchMode = 'delete' | 'count';
+
+export interface BatchReport {
+  relation: Relation;
+  fromPage: number;
+  toPage: number;
+  /** Rows deleted, or in count mode rows that would be. */
+  rows: number;
+  durationMs: number;
+}
+
+export interface TidRangeWalk {
+  pool: DatabasePool;
+  relation: Relation;
+  deadPredicate: FragmentSqlToken;
+  batchPages: number;
+  /** Workers that claim ranges from one shared cursor, each on its own connection. */
+  concurrency: number;
+  mode: BatchMode;
+  /** Checked between batches: a batch in flight always finishes whole. */
+  signal: AbortSignal;
+  onBatch: (batch: BatchReport) => void;
+}
+
+export interface TidRangeResult {
+  rows: number;
+  batches: number;
+  pages: number;
+}
+
+const pagesRow = z.object({ pages: z.number() });
+const countRow = z.object({ count: z.number() });
+
+export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult> {
+  const { pool, relation, batchPages } = walk;
+  const table = relationIdentifier(relation);
+  const pages = await pool.oneFirst(sql.type(pagesRow)`
+    SELECT (pg_relation_size(${qualifiedName(relation)}::regclass)
+            / current_setting('block_size')::int)::int AS pages
+  `);
+
+  const runBatch = async (fromPage: number, toPage: number) => {
+    const range = sql.fragment`ctid >= ${`(${fromPage},0)`}::tid AND ctid < ${`(${toPage},0)`}::tid AND ${walk.deadPredicate}`;
+    if (walk.mode === 'delete') {
+      const result = await pool.query(sql.unsafe`DELETE FROM ${table} WHERE ${range}`);
+      return result.rowCount;
+    }
+    return pool.oneFirst(
+      sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${range}`,
+    );
+  };
+
+  let nextPage = 0;
+  let rows = 0;
+  let batches = 0;
+  let failed = false;
+  const worker = async () => {
+    // Claiming a range is synchronous, so workers never overlap without any locking.
+    while (!walk.signal.aborted && !failed && nextPage < pages) {
+      const fromPage = nextPage;
+      const toPage = Math.min(fromPage + batchPages, pages);
+      nextPage = toPage;
+      const started = performance.now();
+      try {
+        const batchRows = await runBatch(fromPage, toPage);
+        rows += batchRows;
+        batches += 1;
+        walk.onBatch({
+          relation,
+          fromPage,
+          toPage,
+          rows: batchRows,
+          durationMs: Math.round(performance.now() - started),
+        });
+      } catch (error) {
+        failed = true;
+        throw error;
+      }
+    }
+  };
+  // allSettled, so that when one worker fails the others finish their batch in flight
+  // before the failure is reported, and no statement outlives the sweep.
+  const outcomes = await Promise.allSettled(
+    Array.from({ length: Math.max(1, walk.concurrency) }, worker),
+  );
+  const failure = outcomes.find((outcome) => outcome.status === 'rejected');
+  if (failure) throw failure.reason;
+  return { rows, batches, pages };
+}
