@@ -7,13 +7,13 @@
 //   128+n  forced exit on a second signal n
 import { constants } from 'node:os';
 import { parseArgs } from 'node:util';
-import { loadConfig, targetsOf, type Config } from './config.js';
+import { loadConfig, type Config } from './config.js';
 import { createDaemon } from './daemon.js';
 import { createDatabasePool, createPlainClient } from './db.js';
 import { ConfigurationError } from './errors.js';
 import { applyInstallPlan, buildInstallPlan, formatInstallPlan } from './install.js';
 import { createLogger, serializeError, type Logger } from './logger.js';
-import { describeTarget } from './schema.js';
+import { describeTargets } from './schema.js';
 import { VERSION } from './version.js';
 
 const USAGE = `token-reaper ${VERSION}: deletes dead refresh tokens and password resets from PostgreSQL.
@@ -105,6 +105,9 @@ const COMMANDS: Record<
     });
     onStopSignal(logger, () => daemon.stop());
     try {
+      // Check the tables first, so that a wrong name is a usage error (exit 2), not a
+      // failed sweep (exit 1).
+      await describeTargets(pool, config);
       const outcome = await daemon.sweep('cli', { dryRun: flags['dry-run'] === true });
       if (outcome.status === 'finished' && outcome.dryRun) {
         for (const [table, result] of Object.entries(outcome.tables)) {
@@ -119,13 +122,7 @@ const COMMANDS: Record<
 
   async install(config, logger, flags) {
     const pool = await createDatabasePool(config, logger, { maximumPoolSize: 1 });
-    let shapes;
-    try {
-      shapes = [];
-      for (const target of targetsOf(config)) shapes.push(await describeTarget(pool, target));
-    } finally {
-      await pool.end();
-    }
+    const shapes = await describeTargets(pool, config).finally(() => pool.end());
     const plan = await buildInstallPlan(config, shapes);
     if (flags.print) {
       process.stdout.write(formatInstallPlan(plan));

@@ -3,10 +3,10 @@
 // the schedule stops firing, a running sweep stops between batches (its batch in flight
 // commits or rolls back whole), and only then is the pool closed.
 import type { DatabasePool } from 'slonik';
-import { formatTableName, targetsOf, type Config } from './config.js';
+import { formatTableName, type Config } from './config.js';
 import type { Logger } from './logger.js';
 import { startSchedule, type Schedule } from './scheduler.js';
-import { describeTarget, qualifiedName, type TableShape } from './schema.js';
+import { describeTargets, qualifiedName } from './schema.js';
 import {
   createSweeper,
   type SweepOptions,
@@ -37,8 +37,7 @@ export function createDaemon({ config, logger, pool, version }: DaemonDependenci
 
   const start = async () => {
     // Fail fast on a wrong table or column: exit 2 now beats a failed sweep at 3 am.
-    const shapes: TableShape[] = [];
-    for (const target of targetsOf(config)) shapes.push(await describeTarget(pool, target));
+    const shapes = await describeTargets(pool, config);
     if (config.scheduleEnabled) {
       schedule = startSchedule({
         expression: config.sweep.schedule,

@@ -4,7 +4,7 @@
 // exit 2, and again at every sweep, so a table recreated under a running daemon is followed.
 import { sql, type CommonQueryMethods } from 'slonik';
 import { z } from 'zod';
-import { formatTableName, type TargetConfig } from './config.js';
+import { formatTableName, targetsOf, type Config, type TargetConfig } from './config.js';
 import { SchemaError } from './errors.js';
 
 export type MarkShape = 'boolean' | 'timestamp';
@@ -159,4 +159,14 @@ export async function describeTarget(
     markShape: mark.shape,
     expiresAtColumn: target.expiresAtColumn,
   };
+}
+
+/** Every enabled target, described; a SchemaError names the first table that is wrong. */
+export async function describeTargets(
+  connection: CommonQueryMethods,
+  config: Pick<Config, 'refreshTokens' | 'passwordResets'>,
+): Promise<TableShape[]> {
+  const shapes: TableShape[] = [];
+  for (const target of targetsOf(config)) shapes.push(await describeTarget(connection, target));
+  return shapes;
 }

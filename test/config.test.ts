@@ -1,0 +1,126 @@
+import { expect } from 'chai';
+import { DEFAULT_SCHEDULE, loadConfig } from '../src/config.js';
+import { ConfigurationError } from '../src/errors.js';
+
+const minimal = { DATABASE_URL: 'postgres://reaper:secret@db.internal:5432/auth' };
+
+function problemsOf(environment: Record<string, string>): string[] {
+  try {
+    loadConfig(environment);
+  } catch (error) {
+    expect(error).to.be.instanceOf(ConfigurationError);
+    return [...(error as ConfigurationError).problems];
+  }
+  expect.fail('loadConfig accepted a bad environment');
+}
+
+describe('config', () => {
+  it('applies the documented defaults', () => {
+    const config = loadConfig(minimal);
+    expect(config.sweep.schedule).to.equal(DEFAULT_SCHEDULE).and.equal('0 3 * * *');
+    expect(config.sweep.timezone).to.equal(null);
+    expect(config.notifyChannel).to.equal('refresh_token_revoked');
+    expect(config.refreshTokens.table).to.deep.equal({ schema: null, name: 'refresh_tokens' });
+    expect(config.passwordResets?.table).to.deep.equal({ schema: null, name: 'password_resets' });
+    expect(config.refreshTokens.markColumn).to.equal(null);
+    expect(config.sweep.batchPages).to.equal(500);
+    expect(config.sweep.concurrency).to.equal(1);
+    expect(config.logLevel).to.equal('info');
+    expect(config.scheduleEnabled).to.equal(true);
+  });
+
+  it('is frozen, so nothing downstream can change it', () => {
+    const config = loadConfig(minimal);
+    expect(Object.isFrozen(config)).to.equal(true);
+    expect(Object.isFrozen(config.sweep)).to.equal(true);
+    expect(Object.isFrozen(config.refreshTokens.table)).to.equal(true);
+  });
+
+  it('does not register the schedule when NODE_ENV is test', () => {
+    expect(loadConfig({ ...minimal, NODE_ENV: 'test' }).scheduleEnabled).to.equal(false);
+  });
+
+  it('accepts schema-qualified tables, a six-field cron and a timezone', () => {
+    const config = loadConfig({
+      ...minimal,
+      REFRESH_TOKENS_TABLE: 'auth.refresh_tokens',
+      REFRESH_TOKEN_CLEANUP_CRON: '*/10 * * * * *',
+      CLEANUP_TIMEZONE: 'Europe/Berlin',
+      PASSWORD_RESETS_TABLE: 'none',
+      REFRESH_TOKENS_REVOKED_COLUMN: 'revoked_at',
+    });
+    expect(config.refreshTokens.table).to.deep.equal({ schema: 'auth', name: 'refresh_tokens' });
+    expect(config.sweep.schedule).to.equal('*/10 * * * * *');
+    expect(config.sweep.timezone).to.equal('Europe/Berlin');
+    expect(config.passwordResets).to.equal(null);
+    expect(config.refreshTokens.markColumn).to.equal('revoked_at');
+  });
+
+  it('falls back to the PG* variables like psql does', () => {
+    const config = loadConfig({
+      PGHOST: 'db.internal',
+      PGPORT: '6432',
+      PGUSER: 'reaper',
+      PGPASSWORD: 'p@ss/word',
+      PGDATABASE: 'auth',
+    });
+    const url = new URL(config.databaseUrl);
+    expect(url.hostname).to.equal('db.internal');
+    expect(url.port).to.equal('6432');
+    expect(decodeURIComponent(url.username)).to.equal('reaper');
+    expect(decodeURIComponent(url.password)).to.equal('p@ss/word');
+    expect(url.pathname).to.equal('/auth');
+  });
+
+  it('reports a missing DATABASE_URL and says how to set it', () => {
+    const [problem] = problemsOf({});
+    expect(problem)
+      .to.match(/^DATABASE_URL is not set/)
+      .and.include('postgres://');
+  });
+
+  it('reports a malformed DATABASE_URL without echoing its password', () => {
+    const problems = problemsOf({ DATABASE_URL: 'mysql://root:hunter2@db/auth' });
+    expect(problems).to.have.length(1);
+    expect(problems[0]).to.include('DATABASE_URL').and.include('postgres://');
+    expect(problems[0]).not.to.include('hunter2');
+    expect(problemsOf({ DATABASE_URL: 'not a url' })[0]).to.include(
+      'DATABASE_URL is not a valid URL',
+    );
+    const unsupported = problemsOf({
+      DATABASE_URL: 'postgres://u:hunter2@db/auth?sslmode=bogus',
+    });
+    expect(unsupported[0]).to.include('sslmode').and.not.include('hunter2');
+  });
+
+  it('reports every bad variable at once, each naming the variable and the fix', () => {
+    const problems = problemsOf({
+      ...minimal,
+      REFRESH_TOKEN_CLEANUP_CRON: '0 25 * * *',
+      CLEANUP_TIMEZONE: 'Mars/Olympus',
+      REFRESH_TOKENS_TABLE: 'refresh tokens; drop table users',
+      PASSWORD_RESETS_TABLE: 'a.b.c',
+      REFRESH_TOKEN_NOTIFY_CHANNEL: '1channel',
+      LOG_LEVEL: 'loud',
+      SWEEP_BATCH_PAGES: '0',
+      SWEEP_CONCURRENCY: 'two',
+      REFRESH_TOKENS_REVOKED_COLUMN: 'revoked-at',
+    });
+    const expectations: [string, RegExp][] = [
+      ['REFRESH_TOKEN_CLEANUP_CRON', /not a valid cron expression.*"0 3 \* \* \*"/],
+      ['CLEANUP_TIMEZONE', /not a known IANA timezone/],
+      ['REFRESH_TOKENS_TABLE', /not a table name. Use table or schema\.table/],
+      ['PASSWORD_RESETS_TABLE', /not a table name/],
+      ['REFRESH_TOKEN_NOTIFY_CHANNEL', /not a valid name/],
+      ['LOG_LEVEL', /Use one of error, warn, info/],
+      ['SWEEP_BATCH_PAGES', /whole number from 1/],
+      ['SWEEP_CONCURRENCY', /whole number from 1/],
+      ['REFRESH_TOKENS_REVOKED_COLUMN', /not a valid name/],
+    ];
+    expect(problems).to.have.length(expectations.length);
+    for (const [variable, pattern] of expectations) {
+      const problem = problems.find((candidate) => candidate.startsWith(`${variable}=`));
+      expect(problem, variable).to.match(pattern);
+    }
+  });
+});
