@@ -83,13 +83,18 @@ const COMMANDS: Record<
     process.on('SIGUSR1', () => {
       void daemon.sweep('signal');
     });
+    // Without a schedule (NODE_ENV=test) and with the pool's connections closed after an
+    // error, nothing else would keep the event loop alive until the stop signal.
+    const keepAlive = setInterval(() => undefined, 2 ** 31 - 1);
     try {
       await daemon.start();
+      await stopped;
     } catch (error) {
       await daemon.stop();
       throw error;
+    } finally {
+      clearInterval(keepAlive);
     }
-    await stopped;
     return 0;
   },
 

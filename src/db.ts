@@ -28,10 +28,11 @@ export async function createDatabasePool(
     queryRetryLimit: 0,
     transactionRetryLimit: 0,
   });
-  // An idle connection that dies (a server restart, pg_terminate_backend) is reported here;
-  // without a listener the EventEmitter would throw and take the daemon down.
+  // slonik emits every failed query here as well as throwing it to the caller, who handles
+  // it (a sweep logs sweep.failed). The listener must exist, because an EventEmitter with no
+  // 'error' listener throws; it only repeats the failure at debug level.
   pool.on('error', (error) => {
-    logger.warn('database.connection_lost', 'an idle database connection was lost', { error });
+    logger.debug('database.query_failed', 'a database query failed', { error });
   });
   return pool;
 }
