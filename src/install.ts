@@ -195,10 +195,7 @@ export async function applyInstallPlan(
   logger: Logger,
 ): Promise<InstallResult> {
   const log = logger.child('install');
-  await client.query('SELECT pg_advisory_lock($1, $2)', [
-    INSTALL_LOCK.classId,
-    INSTALL_LOCK.objectId,
-  ]);
+  await acquireInstallLock(client, log);
   try {
     const recorded = await recordedVersions(client);
     const newest = Math.max(0, ...recorded.keys());
@@ -245,6 +242,26 @@ export async function applyInstallPlan(
       INSTALL_LOCK.classId,
       INSTALL_LOCK.objectId,
     ]);
+  }
+}
+
+// Waiting in pg_advisory_lock() would deadlock with the other installer: that waiting
+// statement holds a snapshot, and the other installer's CREATE INDEX CONCURRENTLY waits for
+// every snapshot to go away while it holds the lock. So the wait happens here, between
+// statements, where this session holds no snapshot at all.
+async function acquireInstallLock(client: pg.Client, log: Logger) {
+  let waitMs = 50;
+  for (;;) {
+    const result = await client.query<{ locked: boolean }>(
+      'SELECT pg_try_advisory_lock($1, $2) AS locked',
+      [INSTALL_LOCK.classId, INSTALL_LOCK.objectId],
+    );
+    if (result.rows[0]?.locked) return;
+    if (waitMs === 50) {
+      log.info('install.waiting', 'another token-reaper install is running; waiting for it');
+    }
+    await new Promise((resolve) => setTimeout(resolve, waitMs));
+    waitMs = Math.min(waitMs * 2, 1_000);
   }
 }
 
