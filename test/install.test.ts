@@ -18,7 +18,7 @@ const ALL_FILES = [
 function installFinished(result: Awaited<ReturnType<typeof runCli>>) {
   expect(result.code, result.stderr + result.stdout).to.equal(0);
   const line = result.logs.find((candidate) => candidate.event === 'install.finished');
-  expect(line, result.stdout).to.exist;
+  expect(line, result.stdout).not.to.equal(undefined);
   return line as unknown as { applied: string[]; unchanged: string[] };
 }
 
@@ -148,7 +148,7 @@ describe('install', () => {
         expect(listener.payloads).to.have.length(2);
         expect(payload).to.have.keys(['table', 'id', 'revoked_at']);
         expect(payload).to.include({ table: 'public.refresh_tokens', id: committed!.id });
-        expect(Date.parse(payload!.revoked_at as string)).to.be.a('number').and.not.NaN;
+        expect(Number.isNaN(Date.parse(payload!.revoked_at as string))).to.equal(false);
         expect(JSON.stringify(listener.payloads)).not.to.include('secret-hash');
       } finally {
         await listener.close();
