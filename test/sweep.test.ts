@@ -13,7 +13,7 @@ import {
 } from '../src/sweep/sweeper.js';
 import { createCapturingLogger, type CapturingLogger } from './support/capture-logger.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
-import { createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
+import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
 import { waitFor } from './support/cli.js';
 
 interface Harness {
@@ -314,6 +314,42 @@ describe('the sweep', () => {
     );
     expect(logs.events('sweep.batch').length).to.be.below(Number(pages[0]!.pages));
     expect((await sweeper.sweep('signal')).status).to.equal('skipped');
+  });
+
+  it('sweeps each partition of a partitioned table until partition maintenance takes over', async () => {
+    await database.query('CREATE SCHEMA sweep_parted');
+    await database.query(
+      `CREATE TABLE sweep_parted.refresh_tokens (id uuid NOT NULL DEFAULT gen_random_uuid(),
+         user_id uuid NOT NULL, token_hash text NOT NULL, revoked boolean NOT NULL DEFAULT false,
+         expires_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now())
+       PARTITION BY RANGE (expires_at)`,
+    );
+    await database.query(
+      `CREATE TABLE sweep_parted.refresh_tokens_past PARTITION OF sweep_parted.refresh_tokens
+         FOR VALUES FROM (MINVALUE) TO ('2000-01-01')`,
+    );
+    await database.query(
+      `CREATE TABLE sweep_parted.refresh_tokens_rest PARTITION OF sweep_parted.refresh_tokens DEFAULT`,
+    );
+    const table = 'sweep_parted.refresh_tokens';
+    await insertRandomRows(database.current, {
+      table,
+      kind: 'refresh_tokens',
+      count: 5_000,
+      seed: Math.random(),
+    });
+    await database.query(
+      `INSERT INTO ${table} (user_id, token_hash, expires_at)
+       SELECT gen_random_uuid(), md5(random()::text), '1999-01-01' FROM generate_series(1, 100)`,
+    );
+    const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
+    const { sweeper } = await sweeperFor(
+      database.current,
+      { REFRESH_TOKENS_TABLE: table, PASSWORD_RESETS_TABLE: 'none', SWEEP_BATCH_PAGES: '5' },
+      cleanup,
+    );
+    finished(await sweeper.sweep('cli'));
+    expect(await allIds(database.current, { table })).to.deep.equal(live);
   });
 
   it('fails cleanly when the table is gone, and succeeds once it is back', async () => {
