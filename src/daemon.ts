@@ -1,10 +1,13 @@
 // Wires the parts together. start() and stop() are idempotent: a second call gets the
-// promise of the first. Shutdown runs in a fixed order, each step bounded by the one before:
-// the schedule stops firing, a running sweep stops between batches (its batch in flight
-// commits or rolls back whole), and only then is the pool closed.
+// promise of the first. Shutdown runs in a fixed order: the listener UNLISTENs, so nothing
+// new arrives; the purge's DELETE in flight finishes; the schedule stops firing; a running
+// sweep stops between batches (its batch in flight commits or rolls back whole); and only
+// then is the pool closed.
 import type { DatabasePool } from 'slonik';
 import { formatTableName, type Config } from './config.js';
 import type { Logger } from './logger.js';
+import { createListener, type Listener } from './listener.js';
+import { createPurger, type Purger } from './purge.js';
 import { startSchedule, type Schedule } from './scheduler.js';
 import { describeTargets, qualifiedName } from './schema.js';
 import {
@@ -32,12 +35,31 @@ export function createDaemon({ config, logger, pool, version }: DaemonDependenci
   const log = logger.child('daemon');
   const sweeper = createSweeper({ pool, config, logger });
   let schedule: Schedule | null = null;
+  let listener: Listener | null = null;
+  let purger: Purger | null = null;
   let starting: Promise<void> | null = null;
   let stopping: Promise<void> | null = null;
 
   const start = async () => {
     // Fail fast on a wrong table or column: exit 2 now beats a failed sweep at 3 am.
     const shapes = await describeTargets(pool, config);
+    const refreshTokens = shapes[0]!;
+    if (!refreshTokens.revokeTriggerInstalled) {
+      log.warn(
+        'listener.trigger_missing',
+        `${qualifiedName(refreshTokens.relation)} has no revoke trigger, so revoked tokens wait for the sweep. Run "token-reaper install" to add it.`,
+        { table: qualifiedName(refreshTokens.relation) },
+      );
+    }
+    const purge = createPurger({ pool, shape: refreshTokens, logger });
+    purger = purge;
+    listener = createListener({
+      config,
+      logger,
+      onNotification: (payload) => purge.receive(payload),
+      onConnected: () => void purge.catchUp('connected'),
+    });
+    await listener.start();
     if (config.scheduleEnabled) {
       schedule = startSchedule({
         expression: config.sweep.schedule,
@@ -65,6 +87,8 @@ export function createDaemon({ config, logger, pool, version }: DaemonDependenci
 
   const stop = async () => {
     await starting?.catch(() => undefined);
+    await listener?.stop();
+    await purger?.stop();
     await schedule?.stop();
     await sweeper.stop();
     await pool.end();

@@ -46,10 +46,23 @@ export function createPlainClient(config: Pick<Config, 'databaseUrl'>, logger: L
   return client;
 }
 
-function withApplicationName(databaseUrl: string) {
+/**
+ * The listener's own connection. A query timeout bounds pg-listen's paranoid check, which
+ * would otherwise wait forever on a half-open connection; TCP keepalive notices a peer that
+ * vanished. Its application_name tells it apart in pg_stat_activity.
+ */
+export function listenerConnectionConfig(config: Pick<Config, 'databaseUrl'>): pg.ClientConfig {
+  return {
+    connectionString: withApplicationName(config.databaseUrl, `${APPLICATION_NAME}-listener`),
+    query_timeout: 5_000,
+    connectionTimeoutMillis: 10_000,
+    keepAlive: true,
+    keepAliveInitialDelayMillis: 10_000,
+  };
+}
+
+function withApplicationName(databaseUrl: string, name = APPLICATION_NAME) {
   const url = new URL(databaseUrl);
-  if (!url.searchParams.has('application_name')) {
-    url.searchParams.set('application_name', APPLICATION_NAME);
-  }
+  if (!url.searchParams.has('application_name')) url.searchParams.set('application_name', name);
   return url.toString();
 }

@@ -21,10 +21,20 @@ export interface TableShape {
   /** The relations that hold rows: the table itself, or a partitioned table's leaves. */
   readonly leaves: readonly Relation[];
   readonly idColumn: string;
+  /** The id column's base type, one of ID_TYPES: the purge casts the ids it receives to it. */
+  readonly idType: IdType;
   readonly markColumn: string;
   readonly markShape: MarkShape;
   readonly expiresAtColumn: string;
+  /** Whether install's revoke trigger is on the table (refresh tokens only). */
+  readonly revokeTriggerInstalled: boolean;
 }
+
+/** The id types a NOTIFY payload's id can be cast back to; token tables use one of these. */
+export const ID_TYPES = ['uuid', 'bigint', 'integer', 'text', 'character varying'] as const;
+export type IdType = (typeof ID_TYPES)[number];
+
+export const REVOKE_TRIGGER_NAME = 'token_reaper_notify_revoked';
 
 const MARK_CANDIDATES = {
   refresh_tokens: { names: ['revoked', 'revoked_at'], variable: 'REFRESH_TOKENS_REVOKED_COLUMN' },
@@ -39,7 +49,7 @@ const relationRow = z.object({
   name: z.string(),
   kind: z.string(),
 });
-const columnRow = z.object({ name: z.string(), type: z.string() });
+const columnRow = z.object({ name: z.string(), type: z.string(), baseType: z.string() });
 const leafRow = z.object({ schema: z.string(), name: z.string() });
 
 export function qualifiedName(relation: Relation) {
@@ -81,18 +91,25 @@ export async function describeTarget(
   }
 
   const columns = await connection.any(sql.type(columnRow)`
-    SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type
+    SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
+           a.atttypid::regtype::text AS "baseType"
     FROM pg_catalog.pg_attribute a
     WHERE a.attrelid = ${relation.oid} AND a.attnum > 0 AND NOT a.attisdropped
   `);
   const typeOf = new Map(columns.map((column) => [column.name, column.type]));
+  const baseTypeOf = new Map(columns.map((column) => [column.name, column.baseType]));
   const where = qualifiedName(relation);
   const prefix = target.kind === 'refresh_tokens' ? 'REFRESH_TOKENS' : 'PASSWORD_RESETS';
   const problems: string[] = [];
 
-  if (!typeOf.has(target.idColumn)) {
+  const idType = baseTypeOf.get(target.idColumn);
+  if (idType === undefined) {
     problems.push(
       `${where} has no column "${target.idColumn}". Set ${prefix}_ID_COLUMN to its primary key column.`,
+    );
+  } else if (!(ID_TYPES as readonly string[]).includes(idType)) {
+    problems.push(
+      `${where}.${target.idColumn} is ${idType}; token-reaper handles ids of type ${ID_TYPES.join(', ')}. Set ${prefix}_ID_COLUMN to such a column.`,
     );
   }
   const expiresAtType = typeOf.get(target.expiresAtColumn);
@@ -149,15 +166,24 @@ export async function describeTarget(
       `)
     : [{ schema: relation.schema, name: relation.name }];
 
+  const revokeTriggerInstalled =
+    target.kind === 'refresh_tokens' &&
+    (await connection.exists(sql.unsafe`
+      SELECT 1 FROM pg_catalog.pg_trigger
+      WHERE tgrelid = ${relation.oid} AND tgname = ${REVOKE_TRIGGER_NAME} AND NOT tgisinternal
+    `));
+
   return {
     target,
     relation: { schema: relation.schema, name: relation.name },
     partitioned,
     leaves,
     idColumn: target.idColumn,
+    idType: idType as IdType,
     markColumn: mark.column,
     markShape: mark.shape,
     expiresAtColumn: target.expiresAtColumn,
+    revokeTriggerInstalled,
   };
 }
 

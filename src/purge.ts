@@ -1,0 +1,283 @@
+// Deletes revoked refresh tokens as their NOTIFYs arrive. There is no timer and no fixed
+// delay: the first revocation is deleted at once, and every revocation that arrives while a
+// DELETE is in flight waits for it and forms the next batch. Under a trickle each token goes
+// alone, within a millisecond or two; under a burst the batches grow by themselves, up to
+// MAXIMUM_BATCH_IDS, so the database sees few statements.
+//
+// The table is the truth and a notification is only a hint (pg-boss's rule):
+// - every DELETE re-checks the revoked predicate, so a token restored in the meantime stays;
+// - a catch-up deletes every revoked row already in the table, through the partial index on
+//   revoked rows. It runs on every (re)connect, because NOTIFYs sent while the listener was
+//   away are lost; after a payload that cannot be trusted; and when the queue overflows;
+// - a purge that fails is left to the next catch-up and the daily sweep.
+//
+// Memory stays bounded: the queue holds at most MAXIMUM_QUEUED_IDS ids. Past that, further
+// ids are dropped and one catch-up requested, which deletes them all without naming them.
+import { sql, type DatabasePool } from 'slonik';
+import { z } from 'zod';
+import type { Logger } from './logger.js';
+import { markedPredicate } from './predicates.js';
+import { qualifiedName, relationIdentifier, type IdType, type TableShape } from './schema.js';
+
+export const MAXIMUM_BATCH_IDS = 1_000;
+export const MAXIMUM_QUEUED_IDS = 20_000;
+export const CATCH_UP_BATCH_ROWS = 5_000;
+const MAXIMUM_PAYLOAD_CHARACTERS = 1_000;
+
+export interface Revocation {
+  id: string;
+  /** The database time of the revocation, as the trigger sent it. */
+  revokedAt: string;
+}
+
+export type CatchUpReason = 'connected' | 'bad_payload' | 'queue_full';
+
+export interface Purger {
+  /** Validates a NOTIFY payload and queues its id; a bad payload is logged and caught up. */
+  receive(payload: string | undefined): void;
+  /** Deletes every revoked row now in the table; resolves with the count once it has. */
+  catchUp(reason: CatchUpReason): Promise<number>;
+  /** Stops taking work and waits for the DELETE in flight, which commits or rolls back whole. */
+  stop(): Promise<void>;
+}
+
+const ID_PATTERNS: Record<IdType, RegExp> = {
+  uuid: /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i,
+  bigint: /^-?\d{1,19}$/,
+  integer: /^-?\d{1,10}$/,
+  text: /^[\s\S]{1,512}$/,
+  'character varying': /^[\s\S]{1,512}$/,
+};
+
+const ID_ARRAY_CASTS: Record<IdType, ReturnType<typeof sql.fragment>> = {
+  uuid: sql.fragment`uuid[]`,
+  bigint: sql.fragment`bigint[]`,
+  integer: sql.fragment`integer[]`,
+  text: sql.fragment`text[]`,
+  'character varying': sql.fragment`text[]`,
+};
+
+/** A revocation, or why the payload is not one. Exported for tests. */
+export function parseRevocation(
+  payload: string | undefined,
+  shape: Pick<TableShape, 'idType' | 'relation' | 'leaves'>,
+): Revocation | { problem: string } {
+  if (payload === undefined || payload === '') return { problem: 'empty payload' };
+  if (payload.length > MAXIMUM_PAYLOAD_CHARACTERS) {
+    return { problem: `payload of ${payload.length} characters is too long to be the trigger's` };
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(payload);
+  } catch {
+    return { problem: 'payload is not JSON' };
+  }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+    return { problem: 'payload is not a JSON object' };
+  }
+  const { table, id, revoked_at: revokedAt } = parsed as Record<string, unknown>;
+  // A partitioned table's trigger fires on the partition, which names itself.
+  const tables = new Set([qualifiedName(shape.relation), ...shape.leaves.map(qualifiedName)]);
+  if (typeof table !== 'string' || !tables.has(table)) {
+    return { problem: 'payload names another table, or none' };
+  }
+  const idText = typeof id === 'number' && Number.isSafeInteger(id) ? String(id) : id;
+  if (typeof idText !== 'string' || !ID_PATTERNS[shape.idType].test(idText)) {
+    return { problem: `payload id is not a valid ${shape.idType}` };
+  }
+  if (typeof revokedAt !== 'string' || Number.isNaN(Date.parse(revokedAt))) {
+    return { problem: 'payload revoked_at is not a timestamp' };
+  }
+  return { id: idText, revokedAt };
+}
+
+/** The start of a payload, safe to log: printable ASCII only, and short. */
+function excerpt(payload: string | undefined) {
+  if (payload === undefined) return '';
+  const printable = payload.slice(0, 60).replace(/[^\x20-\x7e]/g, '?');
+  return payload.length > 60 ? `${printable}…` : printable;
+}
+
+const batchRow = z.object({ deleted: z.number(), latencyMs: z.number().nullable() });
+
+export function createPurger({
+  pool,
+  shape,
+  logger,
+}: {
+  pool: DatabasePool;
+  shape: TableShape;
+  logger: Logger;
+}): Purger {
+  const log = logger.child('purge');
+  const listenerLog = logger.child('listener');
+  const table = relationIdentifier(shape.relation);
+  const tableName = qualifiedName(shape.relation);
+  const idColumn = sql.identifier([shape.relation.schema, shape.relation.name, shape.idColumn]);
+  const revoked = markedPredicate(shape);
+
+  /** id → the time of its revocation; a Map, so a repeated id is deleted once. */
+  const queue = new Map<string, string>();
+  let queueFull = false;
+  let catchUp: { reasons: Set<CatchUpReason>; waiters: ((deleted: number) => void)[] } | null =
+    null;
+  let working: Promise<void> | null = null;
+  let stopped = false;
+
+  const deleteBatch = async (batch: Revocation[]) => {
+    const started = performance.now();
+    // The latency is measured on the database clock: from the trigger's clock_timestamp()
+    // at the UPDATE to the end of this DELETE, for the oldest revocation actually deleted.
+    const result = await pool.one(sql.type(batchRow)`
+      WITH batch (token_reaper_id, token_reaper_revoked_at) AS (
+        SELECT * FROM unnest(
+          ${sql.array(
+            batch.map((revocation) => revocation.id),
+            'text',
+          )}::${ID_ARRAY_CASTS[shape.idType]},
+          ${sql.array(
+            batch.map((revocation) => revocation.revokedAt),
+            'text',
+          )}::timestamptz[]
+        )
+      ),
+      gone AS (
+        DELETE FROM ${table} USING batch
+        WHERE ${idColumn} = batch.token_reaper_id AND ${revoked}
+        RETURNING batch.token_reaper_revoked_at
+      )
+      SELECT count(*)::int AS deleted,
+             (extract(epoch FROM clock_timestamp() - min(token_reaper_revoked_at)) * 1000)::float8
+               AS "latencyMs"
+      FROM gone
+    `);
+    log.info('purge.batch', `purged ${result.deleted} of ${batch.length} revoked tokens`, {
+      table: tableName,
+      ids: batch.length,
+      deleted: result.deleted,
+      durationMs: Math.round(performance.now() - started),
+      latencyMs: result.latencyMs === null ? null : Math.round(result.latencyMs * 10) / 10,
+    });
+  };
+
+  const deleteAllRevoked = async () => {
+    let deleted = 0;
+    for (;;) {
+      // LIMIT batches are cheap here: the subquery reads the partial index on revoked rows.
+      const result = await pool.query(sql.unsafe`
+        DELETE FROM ${table}
+        WHERE ${idColumn} IN (SELECT ${sql.identifier([shape.idColumn])} FROM ${table}
+                              WHERE ${revoked} LIMIT ${CATCH_UP_BATCH_ROWS})
+          AND ${revoked}
+      `);
+      deleted += result.rowCount;
+      if (result.rowCount < CATCH_UP_BATCH_ROWS || stopped) return deleted;
+    }
+  };
+
+  const runCatchUp = async () => {
+    const { reasons, waiters } = catchUp!;
+    // Cleared before the work starts: a request that arrives during it gets a catch-up of
+    // its own afterwards, which sees the rows this one might have missed.
+    catchUp = null;
+    queueFull = false;
+    const started = performance.now();
+    let deleted = 0;
+    try {
+      deleted = await deleteAllRevoked();
+      listenerLog.info('listener.caught_up', `caught up: ${deleted} revoked tokens deleted`, {
+        table: tableName,
+        deleted,
+        reason: [...reasons].join(','),
+        durationMs: Math.round(performance.now() - started),
+      });
+    } catch (error) {
+      listenerLog.warn('listener.catch_up_failed', 'catch-up failed; the sweep will delete these', {
+        table: tableName,
+        error,
+      });
+    }
+    for (const resolve of waiters) resolve(deleted);
+  };
+
+  // One loop at a time: it drains the queue batch by batch, then runs a requested catch-up.
+  const work = async () => {
+    while (!stopped && (queue.size > 0 || catchUp !== null)) {
+      if (queue.size > 0) {
+        const batch: Revocation[] = [];
+        for (const [id, revokedAt] of queue) {
+          batch.push({ id, revokedAt });
+          queue.delete(id);
+          if (batch.length === MAXIMUM_BATCH_IDS) break;
+        }
+        try {
+          await deleteBatch(batch);
+        } catch (error) {
+          log.warn('purge.failed', 'purge failed; the next catch-up or sweep deletes these', {
+            table: tableName,
+            ids: batch.length,
+            error,
+          });
+        }
+      } else {
+        await runCatchUp();
+      }
+    }
+  };
+
+  const start = () => {
+    if (working || stopped) return;
+    working = work().finally(() => {
+      working = null;
+    });
+  };
+
+  const requestCatchUp = (reason: CatchUpReason) => {
+    catchUp ??= { reasons: new Set(), waiters: [] };
+    catchUp.reasons.add(reason);
+    const done = new Promise<number>((resolve) => catchUp!.waiters.push(resolve));
+    start();
+    return done;
+  };
+
+  return {
+    receive(payload) {
+      if (stopped) return;
+      const parsed = parseRevocation(payload, shape);
+      if ('problem' in parsed) {
+        listenerLog.warn('listener.bad_payload', `ignored a notification: ${parsed.problem}`, {
+          problem: parsed.problem,
+          excerpt: excerpt(payload),
+        });
+        void requestCatchUp('bad_payload');
+        return;
+      }
+      // A catch-up that has not started yet deletes this row too.
+      if (queueFull) return;
+      if (queue.size >= MAXIMUM_QUEUED_IDS && !queue.has(parsed.id)) {
+        queueFull = true;
+        log.warn('purge.queue_full', 'too many revocations queued; a catch-up deletes them', {
+          table: tableName,
+          queued: queue.size,
+        });
+        // Every queued id is a committed revocation, and the catch-up deletes every revoked
+        // row, so the queue has nothing left to add: deleting it one by one would only
+        // produce batches that find nothing.
+        queue.clear();
+        void requestCatchUp('queue_full');
+        return;
+      }
+      if (!queue.has(parsed.id)) queue.set(parsed.id, parsed.revokedAt);
+      start();
+    },
+    catchUp: (reason) => (stopped ? Promise.resolve(0) : requestCatchUp(reason)),
+    async stop() {
+      stopped = true;
+      queue.clear();
+      await working;
+      // Whoever waits for a catch-up that will not run now is told that nothing was deleted.
+      if (catchUp) for (const resolve of catchUp.waiters) resolve(0);
+      catchUp = null;
+    },
+  };
+}
