@@ -1,10 +1,11 @@
 // Two kinds of connection. Runtime queries go through a slonik pool: typed templates, escaped
 // identifiers, a statement timeout on every connection. Multi-statement SQL (the files under
 // sql/) goes through a plain pg client, because slonik runs exactly one statement per query.
+import { setTimeout as delay } from 'node:timers/promises';
 import pg from 'pg';
 import { createPool, type DatabasePool } from 'slonik';
 import type { Config } from './config.js';
-import type { Logger } from './logger.js';
+import { serializeError, type Logger } from './logger.js';
 
 export const APPLICATION_NAME = 'token-reaper';
 
@@ -65,4 +66,27 @@ function withApplicationName(databaseUrl: string, name = APPLICATION_NAME) {
   const url = new URL(databaseUrl);
   if (!url.searchParams.has('application_name')) url.searchParams.set('application_name', name);
   return url.toString();
+}
+
+const DEADLOCK_DETECTED = '40P01';
+const DEADLOCK_ATTEMPTS = 4;
+
+/**
+ * Runs a delete statement again when PostgreSQL picked it as a deadlock victim. The sweep,
+ * the purge and the catch-up delete the same rows from different connections, and the
+ * purge locks its batch in join order rather than in physical order, so two of them can, rarely,
+ * wait on each other. The victim's statement was rolled back whole, so running it again is
+ * safe; the re-checked predicate makes it delete only what is still dead.
+ */
+export async function retryOnDeadlock<T>(statement: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      return await statement();
+    } catch (error) {
+      if (attempt === DEADLOCK_ATTEMPTS || serializeError(error).code !== DEADLOCK_DETECTED) {
+        throw error;
+      }
+      await delay(Math.round(20 * attempt * (0.5 + Math.random())));
+    }
+  }
 }

@@ -6,8 +6,8 @@
 //
 // The table is the truth and a notification is only a hint (pg-boss's rule):
 // - every DELETE re-checks the revoked predicate, so a token restored in the meantime stays;
-// - a catch-up deletes every revoked row already in the table, through the partial index on
-//   revoked rows. It runs on every (re)connect, because NOTIFYs sent while the listener was
+// - a catch-up deletes every revoked row already in the table, partition by partition,
+//   through the partial index on revoked rows (sweep/marked-rows.ts). It runs on every (re)connect, because NOTIFYs sent while the listener was
 //   away are lost; after a payload that cannot be trusted; and when the queue overflows;
 // - a purge that fails is left to the next catch-up and the daily sweep.
 //
@@ -15,13 +15,14 @@
 // ids are dropped and one catch-up requested, which deletes them all without naming them.
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
+import { retryOnDeadlock } from './db.js';
 import type { Logger } from './logger.js';
 import { markedPredicate } from './predicates.js';
 import { qualifiedName, relationIdentifier, type IdType, type TableShape } from './schema.js';
+import { deleteMarkedRows } from './sweep/marked-rows.js';
 
 export const MAXIMUM_BATCH_IDS = 1_000;
 export const MAXIMUM_QUEUED_IDS = 20_000;
-export const CATCH_UP_BATCH_ROWS = 5_000;
 const MAXIMUM_PAYLOAD_CHARACTERS = 1_000;
 
 export interface Revocation {
@@ -128,7 +129,8 @@ export function createPurger({
     const started = performance.now();
     // The latency is measured on the database clock: from the trigger's clock_timestamp()
     // at the UPDATE to the end of this DELETE, for the oldest revocation actually deleted.
-    const result = await pool.one(sql.type(batchRow)`
+    const result = await retryOnDeadlock(() =>
+      pool.one(sql.type(batchRow)`
       WITH batch (token_reaper_id, token_reaper_revoked_at) AS (
         SELECT * FROM unnest(
           ${sql.array(
@@ -150,7 +152,8 @@ export function createPurger({
              (extract(epoch FROM clock_timestamp() - min(token_reaper_revoked_at)) * 1000)::float8
                AS "latencyMs"
       FROM gone
-    `);
+    `),
+    );
     log.info('purge.batch', `purged ${result.deleted} of ${batch.length} revoked tokens`, {
       table: tableName,
       ids: batch.length,
@@ -158,21 +161,6 @@ export function createPurger({
       durationMs: Math.round(performance.now() - started),
       latencyMs: result.latencyMs === null ? null : Math.round(result.latencyMs * 10) / 10,
     });
-  };
-
-  const deleteAllRevoked = async () => {
-    let deleted = 0;
-    for (;;) {
-      // LIMIT batches are cheap here: the subquery reads the partial index on revoked rows.
-      const result = await pool.query(sql.unsafe`
-        DELETE FROM ${table}
-        WHERE ${idColumn} IN (SELECT ${sql.identifier([shape.idColumn])} FROM ${table}
-                              WHERE ${revoked} LIMIT ${CATCH_UP_BATCH_ROWS})
-          AND ${revoked}
-      `);
-      deleted += result.rowCount;
-      if (result.rowCount < CATCH_UP_BATCH_ROWS || stopped) return deleted;
-    }
   };
 
   const runCatchUp = async () => {
@@ -183,19 +171,28 @@ export function createPurger({
     queueFull = false;
     const started = performance.now();
     let deleted = 0;
+    const fields = () => ({
+      table: tableName,
+      reason: [...reasons].join(','),
+      deleted,
+      durationMs: Math.round(performance.now() - started),
+    });
     try {
-      deleted = await deleteAllRevoked();
-      listenerLog.info('listener.caught_up', `caught up: ${deleted} revoked tokens deleted`, {
-        table: tableName,
-        deleted,
-        reason: [...reasons].join(','),
-        durationMs: Math.round(performance.now() - started),
-      });
+      for (const leaf of shape.leaves) {
+        if (stopped) break;
+        await deleteMarkedRows(pool, shape, leaf, { onBatch: (rows) => (deleted += rows) });
+      }
+      listenerLog.info(
+        'listener.caught_up',
+        `caught up: ${deleted} revoked tokens deleted`,
+        fields(),
+      );
     } catch (error) {
-      listenerLog.warn('listener.catch_up_failed', 'catch-up failed; the sweep will delete these', {
-        table: tableName,
-        error,
-      });
+      listenerLog.warn(
+        'listener.catch_up_failed',
+        `catch-up failed after deleting ${deleted} revoked tokens; the sweep will delete the rest`,
+        { ...fields(), error },
+      );
     }
     for (const resolve of waiters) resolve(deleted);
   };

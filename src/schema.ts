@@ -18,6 +18,11 @@ export interface TableShape {
   readonly target: TargetConfig;
   readonly relation: Relation;
   readonly partitioned: boolean;
+  /**
+   * RANGE-partitioned on the expiry column alone, one level deep: expired partitions can be
+   * dropped whole. Any other partitioning is swept leaf by leaf like a plain table.
+   */
+  readonly partitionedByExpiry: boolean;
   /** The relations that hold rows: the table itself, or a partitioned table's leaves. */
   readonly leaves: readonly Relation[];
   readonly idColumn: string;
@@ -58,6 +63,11 @@ export function qualifiedName(relation: Relation) {
 
 export function relationIdentifier(relation: Relation) {
   return sql.identifier([relation.schema, relation.name]);
+}
+
+/** The relation as a regclass, resolved exactly as named (a plain ::regclass would fold case). */
+export function regclassOf(relation: Relation) {
+  return sql.fragment`format('%I.%I', ${relation.schema}::text, ${relation.name}::text)::regclass`;
 }
 
 export async function describeTarget(
@@ -166,6 +176,18 @@ export async function describeTarget(
       `)
     : [{ schema: relation.schema, name: relation.name }];
 
+  const partitionedByExpiry =
+    partitioned &&
+    (await connection.exists(sql.unsafe`
+      SELECT 1 FROM pg_catalog.pg_partitioned_table pt
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = pt.partrelid AND a.attnum = pt.partattrs[0]
+      WHERE pt.partrelid = ${relation.oid} AND pt.partstrat = 'r' AND pt.partnatts = 1
+        AND a.attname = ${target.expiresAtColumn}
+        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i
+                        JOIN pg_catalog.pg_class child ON child.oid = i.inhrelid
+                        WHERE i.inhparent = pt.partrelid AND child.relkind = 'p')
+    `));
+
   const revokeTriggerInstalled =
     target.kind === 'refresh_tokens' &&
     (await connection.exists(sql.unsafe`
@@ -177,6 +199,7 @@ export async function describeTarget(
     target,
     relation: { schema: relation.schema, name: relation.name },
     partitioned,
+    partitionedByExpiry,
     leaves,
     idColumn: target.idColumn,
     idType: idType as IdType,

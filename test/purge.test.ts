@@ -9,8 +9,11 @@ import type { TableShape } from '../src/schema.js';
 import { runCli, spawnDaemon, waitFor, type ProcessHandle } from './support/cli.js';
 import { startOwnedServer, useTestDatabase } from './support/database.js';
 import {
+  allIds,
   createReferenceSchema,
+  deadCount,
   insertRandomRows,
+  liveIds,
   type DatabaseTarget,
 } from './support/fixtures.js';
 
@@ -305,6 +308,34 @@ describe('prompt purge', () => {
       const status = await readFile(`/proc/${daemon.child.pid}/status`, 'utf8');
       const peakKilobytes = Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]);
       expect(peakKilobytes / 1024, 'peak RSS in MB').to.be.below(250);
+      await stopDaemon(daemon);
+    });
+  });
+
+  describe('a sweep during the catch-up', () => {
+    const database = useTestDatabase('purge_overlap');
+
+    it('deletes every dead row exactly once, and neither the catch-up nor the sweep fails', async () => {
+      await installedSchema(database.url, database.current);
+      await insertRandomRows(database.current, {
+        table: 'refresh_tokens',
+        count: 60_000,
+        fractions: { live: 0.4, revoked: 0.4, expired: 0.2 },
+        seed: Math.random(),
+      });
+      const live = await liveIds(database.current, { table: 'refresh_tokens' });
+      const dead = await deadCount(database.current, { table: 'refresh_tokens' });
+      // The catch-up on connect is under way when daemon.started is logged.
+      const daemon = await startDaemon(database.url);
+      daemon.signal('SIGUSR1');
+      const caughtUp = await daemon.waitForLog('listener.caught_up');
+      const swept = await daemon.waitForLog('sweep.finished');
+      const failures = daemon.logs.filter((line) =>
+        ['listener.catch_up_failed', 'sweep.failed', 'purge.failed'].includes(line.event),
+      );
+      expect(failures, daemon.describeOutput()).to.deep.equal([]);
+      expect((caughtUp.deleted as number) + (swept.deleted as number)).to.equal(dead);
+      expect(await allIds(database.current, { table: 'refresh_tokens' })).to.deep.equal(live);
       await stopDaemon(daemon);
     });
   });

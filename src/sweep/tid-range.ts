@@ -13,7 +13,8 @@
 // exactly as gently as the real sweep would.
 import { sql, type DatabasePool, type FragmentSqlToken } from 'slonik';
 import { z } from 'zod';
-import { qualifiedName, relationIdentifier, type Relation } from '../schema.js';
+import { retryOnDeadlock } from '../db.js';
+import { regclassOf, relationIdentifier, type Relation } from '../schema.js';
 
 export type BatchMode = 'delete' | 'count';
 
@@ -52,7 +53,7 @@ export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult>
   const { pool, relation, batchPages } = walk;
   const table = relationIdentifier(relation);
   const pages = await pool.oneFirst(sql.type(pagesRow)`
-    SELECT (pg_relation_size(${qualifiedName(relation)}::regclass)
+    SELECT (pg_relation_size(${regclassOf(relation)})
             / current_setting('block_size')::int)::int AS pages
   `);
 
@@ -79,7 +80,7 @@ export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult>
       nextPage = toPage;
       const started = performance.now();
       try {
-        const batchRows = await runBatch(fromPage, toPage);
+        const batchRows = await retryOnDeadlock(() => runBatch(fromPage, toPage));
         rows += batchRows;
         batches += 1;
         walk.onBatch({

@@ -1,0 +1,63 @@
+// Deletes the rows of one relation that are marked revoked (or used), in batches:
+//
+//   DELETE FROM leaf WHERE ctid = ANY(ARRAY(SELECT ctid FROM leaf WHERE revoked LIMIT n))
+//                      AND revoked
+//
+// The inner SELECT reads the partial index on revoked rows, so the cost follows the number of
+// revoked rows, not the size of the table: that is what makes a catch-up on every reconnect
+// cheap, and what lets a partitioned sweep skip scanning live partitions. It works on one
+// relation at a time because a ctid is only unique within one: on a partitioned parent the
+// same ctid names a row in every partition. The predicate is checked again by the DELETE, so
+// a row restored since the SELECT stays. A TID scan visits its list in sorted order, so this
+// locks rows in physical order, like the sweep's TID-range batches: the two cannot deadlock.
+import { sql, type DatabasePool } from 'slonik';
+import { z } from 'zod';
+import { retryOnDeadlock } from '../db.js';
+import { markedPredicate } from '../predicates.js';
+import { relationIdentifier, type Relation, type TableShape } from '../schema.js';
+
+export const MARKED_ROWS_BATCH = 5_000;
+
+export interface MarkedRowsResult {
+  /** Rows deleted, or in count mode the rows that would be. */
+  rows: number;
+  batches: number;
+}
+
+const countRow = z.object({ count: z.number() });
+
+export async function deleteMarkedRows(
+  pool: DatabasePool,
+  shape: TableShape,
+  relation: Relation,
+  options: {
+    mode?: 'delete' | 'count';
+    signal?: AbortSignal;
+    /** Called after each committed batch, so a caller can report progress even on failure. */
+    onBatch?: (rows: number) => void;
+  } = {},
+): Promise<MarkedRowsResult> {
+  const table = relationIdentifier(relation);
+  const marked = markedPredicate(shape);
+  if (options.mode === 'count') {
+    const rows = await pool.oneFirst(
+      sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${marked}`,
+    );
+    return { rows, batches: 0 };
+  }
+  let rows = 0;
+  let batches = 0;
+  for (;;) {
+    const result = await retryOnDeadlock(() =>
+      pool.query(sql.unsafe`
+      DELETE FROM ${table}
+      WHERE ctid = ANY(ARRAY(SELECT ctid FROM ${table} WHERE ${marked} LIMIT ${MARKED_ROWS_BATCH}))
+        AND ${marked}
+    `),
+    );
+    options.onBatch?.(result.rowCount);
+    rows += result.rowCount;
+    batches += 1;
+    if (result.rowCount < MARKED_ROWS_BATCH || options.signal?.aborted) return { rows, batches };
+  }
+}
