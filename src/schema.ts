@@ -2,7 +2,12 @@
 // dead predicate (a boolean or a timestamp marks a row revoked or used), and the relation
 // kind decides how a sweep walks it. It runs at startup, so a wrong name fails fast with
 // exit 2, and again at every sweep, so a table recreated under a running daemon is followed.
-import { sql, type CommonQueryMethods } from 'slonik';
+import {
+  sql,
+  type CommonQueryMethods,
+  type FragmentSqlToken,
+  type IdentifierSqlToken,
+} from 'slonik';
 import { z } from 'zod';
 import { formatTableName, targetsOf, type Config, type TargetConfig } from './config.js';
 import { SchemaError } from './errors.js';
@@ -61,12 +66,12 @@ export function qualifiedName(relation: Relation) {
   return `${relation.schema}.${relation.name}`;
 }
 
-export function relationIdentifier(relation: Relation) {
+export function relationIdentifier(relation: Relation): IdentifierSqlToken {
   return sql.identifier([relation.schema, relation.name]);
 }
 
 /** The relation as a regclass, resolved exactly as named (a plain ::regclass would fold case). */
-export function regclassOf(relation: Relation) {
+export function regclassOf(relation: Relation): FragmentSqlToken {
   return sql.fragment`format('%I.%I', ${relation.schema}::text, ${relation.name}::text)::regclass`;
 }
 
