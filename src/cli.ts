@@ -117,6 +117,15 @@ const COMMANDS: Record<
       if (outcome.status === 'finished' && outcome.dryRun) {
         for (const [table, result] of Object.entries(outcome.tables)) {
           process.stderr.write(`${table}: ${result.wouldDelete ?? 0} rows would be deleted\n`);
+          for (const partition of result.partitions?.partitionsToRemove ?? []) {
+            process.stderr.write(
+              `${table}: would ${config.sweep.partitions.expiredAction} ${partition}\n`,
+            );
+          }
+          const toCreate = result.partitions?.partitionsToCreate ?? [];
+          if (toCreate.length > 0) {
+            process.stderr.write(`${table}: would create ${toCreate.length} partitions ahead\n`);
+          }
         }
       }
       return outcome.status === 'failed' ? 1 : 0;

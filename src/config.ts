@@ -31,6 +31,17 @@ export interface TargetConfig {
   readonly expiresAtColumn: string;
 }
 
+export interface PartitionConfig {
+  /** What to do with a partition whose every row has expired. */
+  readonly expiredAction: 'drop' | 'detach';
+  /** lock_timeout for each partition DDL: the longest any auth query waits behind one. */
+  readonly lockTimeoutMs: number;
+  /** Attempts per partition DDL before it is left for the next sweep. */
+  readonly lockAttempts: number;
+  /** Days of partitions kept ahead of now(), or null for the longest stored lifetime + 7 days. */
+  readonly premakeDays: number | null;
+}
+
 export interface SweepConfig {
   /** node-cron expression. */
   readonly schedule: string;
@@ -40,6 +51,7 @@ export interface SweepConfig {
   readonly batchPages: number;
   /** Connections deleting disjoint page ranges at once. */
   readonly concurrency: number;
+  readonly partitions: PartitionConfig;
 }
 
 export interface Config {
@@ -120,6 +132,21 @@ export function loadConfig(environment: Environment): Config {
 
   const batchPages = readInteger(read, problems, 'SWEEP_BATCH_PAGES', 500, 1, 1_000_000);
   const concurrency = readInteger(read, problems, 'SWEEP_CONCURRENCY', 1, 1, 64);
+  const expiredAction = (read('EXPIRED_PARTITIONS') ?? 'drop').toLowerCase();
+  if (expiredAction !== 'drop' && expiredAction !== 'detach') {
+    problems.push(
+      `EXPIRED_PARTITIONS=${JSON.stringify(expiredAction)} is not drop or detach. Use detach to keep expired partitions as standalone tables.`,
+    );
+  }
+  const partitions: PartitionConfig = {
+    expiredAction: expiredAction === 'detach' ? 'detach' : 'drop',
+    lockTimeoutMs: readInteger(read, problems, 'PARTITION_LOCK_TIMEOUT_MS', 200, 1, 60_000),
+    lockAttempts: readInteger(read, problems, 'PARTITION_LOCK_ATTEMPTS', 5, 1, 100),
+    premakeDays:
+      read('PARTITION_PREMAKE_DAYS') === undefined
+        ? null
+        : readInteger(read, problems, 'PARTITION_PREMAKE_DAYS', 30, 1, 3650),
+  };
   const statementTimeoutMs = readInteger(
     read,
     problems,
@@ -143,7 +170,7 @@ export function loadConfig(environment: Environment): Config {
     notifyChannel,
     refreshTokens,
     passwordResets,
-    sweep: { schedule, timezone, batchPages, concurrency },
+    sweep: { schedule, timezone, batchPages, concurrency, partitions },
     statementTimeoutMs,
     logLevel: logLevelSetting as LogLevel,
     scheduleEnabled: environment.NODE_ENV !== 'test',

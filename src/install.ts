@@ -30,13 +30,20 @@ export interface InstallStep {
   version: number;
   file: string;
   transactional: boolean;
-  /** The file rendered for this database. */
-  sql: string;
+  /**
+   * The file rendered for this database: one statement, or for an index on a partitioned
+   * table, the statements that build it online (see partitionedIndexStatements).
+   */
+  statements: InstallStatement[];
   checksum: string;
-  /** The index the step builds concurrently, if it does. */
-  index: { schema: string; name: string } | null;
   /** Records the step in token_reaper.schema_version. */
   recordSql: string;
+}
+
+export interface InstallStatement {
+  sql: string;
+  /** The index it builds concurrently, checked for an invalid leftover first. */
+  index: { schema: string; name: string } | null;
 }
 
 interface SqlFile {
@@ -146,22 +153,17 @@ export async function buildInstallPlan(
   const variables = templateVariables(config, shapes);
   const files = (await readSqlFiles(directory)).filter((file) => kinds.has(file.target));
   return files.map((file) => {
-    const sql = renderSql(file.text, variables, file.file).trim();
-    const checksum = createHash('sha256').update(sql).digest('hex').slice(0, 16);
-    const index =
-      file.indexVariable === null
-        ? null
-        : {
-            schema: schemaOfTarget(shapes, file.target),
-            name: (variables.get(file.indexVariable) as { identifier: string }).identifier,
-          };
+    const statements = renderStatements(file, shapes, variables);
+    const checksum = createHash('sha256')
+      .update(statements.map((statement) => statement.sql).join('\n'))
+      .digest('hex')
+      .slice(0, 16);
     return {
       version: file.version,
       file: file.file,
       transactional: file.transactional,
-      sql,
+      statements,
       checksum,
-      index,
       recordSql:
         `INSERT INTO token_reaper.schema_version (version, name, checksum) ` +
         `VALUES (${file.version}, ${escapeLiteral(file.file)}, ${escapeLiteral(checksum)}) ` +
@@ -171,14 +173,67 @@ export async function buildInstallPlan(
   });
 }
 
+function renderStatements(
+  file: SqlFile,
+  shapes: readonly TableShape[],
+  variables: ReturnType<typeof templateVariables>,
+): InstallStatement[] {
+  const sql = renderSql(file.text, variables, file.file).trim();
+  if (file.indexVariable === null) return [{ sql, index: null }];
+  const shape = shapes.find((candidate) => candidate.target.kind === file.target)!;
+  const name = (variables.get(file.indexVariable) as { identifier: string }).identifier;
+  if (!shape.partitioned) return [{ sql, index: { schema: shape.relation.schema, name } }];
+  return partitionedIndexStatements(file, shape, name, sql);
+}
+
+/**
+ * PostgreSQL cannot build an index CONCURRENTLY on a partitioned table. The online way is to
+ * create the parent's index ON ONLY the parent (instant, and invalid until complete), build
+ * each partition's index concurrently, and attach each one; the parent's index turns valid
+ * once every partition's is attached, and partitions created later get theirs automatically.
+ * Each partition's statement is the same file rendered with the partition in the table's
+ * place, so the index definition is written once.
+ */
+function partitionedIndexStatements(
+  file: SqlFile,
+  shape: TableShape,
+  parentIndex: string,
+  parentSql: string,
+): InstallStatement[] {
+  const prefix = shape.target.kind;
+  const parentTable = `${escapeIdentifier(shape.relation.schema)}.${escapeIdentifier(shape.relation.name)}`;
+  const onlyParent = parentSql
+    .replace('CREATE INDEX CONCURRENTLY', 'CREATE INDEX')
+    .replace(`ON ${parentTable}`, `ON ONLY ${parentTable}`);
+  const statements: InstallStatement[] = [{ sql: onlyParent, index: null }];
+  // The parent's index is <table>_<column>_idx; each partition's is <partition>_<column>_idx.
+  const suffix = parentIndex.slice(shape.relation.name.length);
+  for (const leaf of shape.leaves) {
+    const leafIndex = truncateName(`${leaf.name}${suffix}`);
+    const leafVariables = templateVariables({ notifyChannel: '' }, [shape]);
+    leafVariables.set(`${prefix}_schema`, { identifier: leaf.schema });
+    leafVariables.set(`${prefix}_table`, { identifier: leaf.name });
+    leafVariables.set(file.indexVariable!, { identifier: leafIndex });
+    statements.push({
+      sql: renderSql(file.text, leafVariables, file.file).trim(),
+      index: { schema: leaf.schema, name: leafIndex },
+    });
+    statements.push({
+      sql: `ALTER INDEX ${escapeIdentifier(shape.relation.schema)}.${escapeIdentifier(parentIndex)} ATTACH PARTITION ${escapeIdentifier(leaf.schema)}.${escapeIdentifier(leafIndex)};`,
+      index: null,
+    });
+  }
+  return statements;
+}
+
 /** The plan as one SQL script, for a DBA to review or to put into their own migrations. */
 export function formatInstallPlan(steps: readonly InstallStep[]): string {
   const parts = ['-- token-reaper install plan: the SQL `token-reaper install` runs, in order.'];
   for (const step of steps) {
     parts.push(
       step.transactional
-        ? `-- ${step.file}\nBEGIN;\n${step.sql}\n${step.recordSql}\nCOMMIT;`
-        : `-- ${step.file} (outside a transaction: CREATE INDEX CONCURRENTLY cannot run in one)\n${step.sql}\n${step.recordSql}`,
+        ? `-- ${step.file}\nBEGIN;\n${sqlOf(step)}\n${step.recordSql}\nCOMMIT;`
+        : `-- ${step.file} (outside a transaction: CREATE INDEX CONCURRENTLY cannot run in one)\n${sqlOf(step)}\n${step.recordSql}`,
     );
   }
   return `${parts.join('\n\n')}\n`;
@@ -214,19 +269,20 @@ export async function applyInstallPlan(
       const started = performance.now();
       if (step.transactional) {
         await inTransaction(client, async () => {
-          await client.query(step.sql);
+          await client.query(sqlOf(step));
           await client.query(step.recordSql);
         });
       } else {
-        if (step.index) await dropInvalidIndex(client, step.index, log);
-        log.info(
-          'install.building_index',
-          `building ${step.index?.name ?? 'an index'} concurrently`,
-          {
-            file: step.file,
-          },
-        );
-        await client.query(step.sql);
+        for (const statement of step.statements) {
+          if (statement.index) {
+            await dropInvalidIndex(client, statement.index, log);
+            log.info('install.building_index', `building ${statement.index.name} concurrently`, {
+              file: step.file,
+              index: `${statement.index.schema}.${statement.index.name}`,
+            });
+          }
+          await client.query(statement.sql);
+        }
         await client.query(step.recordSql);
       }
       result.applied.push(step.file);
@@ -315,12 +371,13 @@ async function dropInvalidIndex(
 // PostgreSQL truncates names to 63 bytes; doing it here keeps the name we check for invalid
 // leftovers the same as the name the server creates.
 function indexName(table: string, column: string) {
-  const name = `${table}_${column}_idx`;
+  return truncateName(`${table}_${column}_idx`);
+}
+
+function truncateName(name: string) {
   return Buffer.from(name).subarray(0, 63).toString();
 }
 
-function schemaOfTarget(shapes: readonly TableShape[], kind: TargetKind | 'all') {
-  const shape = shapes.find((candidate) => candidate.target.kind === kind);
-  if (!shape) throw new Error(`no table shape for ${kind}`);
-  return shape.relation.schema;
+function sqlOf(step: InstallStep) {
+  return step.statements.map((statement) => statement.sql).join('\n');
 }

@@ -12,8 +12,9 @@ import { z } from 'zod';
 import { targetsOf, type Config } from '../config.js';
 import type { Logger } from '../logger.js';
 import { deadPredicate } from '../predicates.js';
-import { describeTarget, qualifiedName } from '../schema.js';
-import { walkTidRanges } from './tid-range.js';
+import { describeTarget, qualifiedName, type TableShape } from '../schema.js';
+import { sweepPartitions, type PartitionReport } from './partitions.js';
+import { walkTidRanges, type BatchReport } from './tid-range.js';
 
 export type SweepTrigger = 'schedule' | 'signal' | 'cli';
 
@@ -29,6 +30,8 @@ export interface TableSweepResult {
   batches: number;
   partitionsDropped: number;
   durationMs: number;
+  /** The partition strategy's own figures (see sweep/partitions.ts). */
+  partitions?: PartitionReport;
 }
 
 export type SweepOutcome =
@@ -75,6 +78,50 @@ export function createSweeper({ pool, config, logger }: SweeperDependencies): Sw
     return { status: 'skipped', trigger, reason };
   };
 
+  const onBatch = (dryRun: boolean) => (batch: BatchReport) =>
+    log.debug('sweep.batch', 'batch done', {
+      table: qualifiedName(batch.relation),
+      fromPage: batch.fromPage,
+      toPage: batch.toPage,
+      [dryRun ? 'wouldDelete' : 'deleted']: batch.rows,
+      durationMs: batch.durationMs,
+    });
+
+  // A table partitioned by expiry drops whole partitions; anything else is walked by TID
+  // ranges, a partitioned table one leaf at a time.
+  const sweepTable = async (shape: TableShape, dryRun: boolean) => {
+    const settings = {
+      pool,
+      batchPages: config.sweep.batchPages,
+      concurrency: config.sweep.concurrency,
+      signal: abort.signal,
+      onBatch: onBatch(dryRun),
+    };
+    if (shape.partitionedByExpiry) {
+      const partitions = await sweepPartitions({
+        ...settings,
+        shape,
+        config: config.sweep.partitions,
+        dryRun,
+        logger,
+      });
+      return { rows: partitions.rows, batches: partitions.batches, partitions: partitions.report };
+    }
+    let rows = 0;
+    let batches = 0;
+    for (const leaf of shape.leaves) {
+      const walked = await walkTidRanges({
+        ...settings,
+        relation: leaf,
+        deadPredicate: deadPredicate(shape),
+        mode: dryRun ? 'count' : 'delete',
+      });
+      rows += walked.rows;
+      batches += walked.batches;
+    }
+    return { rows, batches, partitions: null };
+  };
+
   const run = async (trigger: SweepTrigger, dryRun: boolean): Promise<SweepOutcome> => {
     const started = performance.now();
     const elapsed = () => Math.round(performance.now() - started);
@@ -98,37 +145,15 @@ export function createSweeper({ pool, config, logger }: SweeperDependencies): Sw
             if (abort.signal.aborted) break;
             const tableStarted = performance.now();
             const shape = await describeTarget(connection, target);
-            const table = qualifiedName(shape.relation);
-            let rows = 0;
-            let batches = 0;
-            for (const leaf of shape.leaves) {
-              const result = await walkTidRanges({
-                pool,
-                relation: leaf,
-                deadPredicate: deadPredicate(shape),
-                batchPages: config.sweep.batchPages,
-                concurrency: config.sweep.concurrency,
-                mode: dryRun ? 'count' : 'delete',
-                signal: abort.signal,
-                onBatch: (batch) =>
-                  log.debug('sweep.batch', 'batch done', {
-                    table: qualifiedName(batch.relation),
-                    fromPage: batch.fromPage,
-                    toPage: batch.toPage,
-                    [dryRun ? 'wouldDelete' : 'deleted']: batch.rows,
-                    durationMs: batch.durationMs,
-                  }),
-              });
-              rows += result.rows;
-              batches += result.batches;
-            }
-            deleted += dryRun ? 0 : rows;
-            tables[table] = {
-              deleted: dryRun ? 0 : rows,
-              ...(dryRun ? { wouldDelete: rows } : {}),
-              batches,
-              partitionsDropped: 0,
+            const result = await sweepTable(shape, dryRun);
+            deleted += dryRun ? 0 : result.rows;
+            tables[qualifiedName(shape.relation)] = {
+              deleted: dryRun ? 0 : result.rows,
+              ...(dryRun ? { wouldDelete: result.rows } : {}),
+              batches: result.batches,
+              partitionsDropped: result.partitions?.partitionsDropped ?? 0,
               durationMs: Math.round(performance.now() - tableStarted),
+              ...(result.partitions ? { partitions: result.partitions } : {}),
             };
           }
           const outcome: SweepOutcome = {

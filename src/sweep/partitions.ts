@@ -1,0 +1,378 @@
+// The strategy for a table RANGE-partitioned on its expiry column. A partition whose upper
+// bound is at or before now() holds only expired rows, so it goes whole: one DROP TABLE
+// costs the same whatever its size, leaves no bloat and writes almost no WAL (DESIGN.md
+// measured 6 ms a partition). What stays is cleaned as cheaply as it can be:
+// - revoked rows in live partitions, through the partial index on revoked rows; scanning
+//   every live partition for a few revoked rows would more than double the sweep;
+// - expired rows in the partition that holds now(), and in the default partition, by
+//   TID-range batches (only those partitions can hold expired rows at all).
+// And partitions are made ahead, so that an insert never fails and never lands in the
+// default partition.
+//
+// Every DDL here takes ACCESS EXCLUSIVE on the parent and on the default partition (measured
+// on PostgreSQL 15), and a waiting ACCESS EXCLUSIVE request makes every later query on the
+// table queue behind it. The failures of pg_partman and TimescaleDB retention are exactly
+// that. So each DDL is its own transaction under a short lock_timeout: while a long auth
+// transaction holds the table, the DDL gives up within the timeout, the auth traffic that
+// queued behind it goes on, and the DDL is tried again after a backoff, or left for the next
+// sweep and reported.
+import { setTimeout as delay } from 'node:timers/promises';
+import { sql, type DatabasePool } from 'slonik';
+import { z } from 'zod';
+import type { PartitionConfig } from '../config.js';
+import type { Logger } from '../logger.js';
+import { serializeError } from '../logger.js';
+import { deadPredicate } from '../predicates.js';
+import {
+  qualifiedName,
+  regclassOf,
+  relationIdentifier,
+  type Relation,
+  type TableShape,
+} from '../schema.js';
+import { deleteMarkedRows } from './marked-rows.js';
+import { walkTidRanges, type BatchReport } from './tid-range.js';
+
+export interface Partition extends Relation {
+  isDefault: boolean;
+  /** Epoch milliseconds; null for MINVALUE (lower) or MAXVALUE (upper) and for the default. */
+  lower: number | null;
+  upper: number | null;
+  /** Every row is expired: the upper bound is at or before now() on the database clock. */
+  expired: boolean;
+  /** The partition that holds now(). */
+  current: boolean;
+  /** pg_class.reltuples: the planner's estimate, -1 never analyzed. */
+  estimatedRows: number;
+}
+
+/** What the partition strategy did besides deleting rows; sweep.finished carries it. */
+export interface PartitionReport {
+  partitionsDropped: number;
+  partitionsDetached: number;
+  partitionsCreated: string[];
+  /** Expired partitions whose lock did not come in time; the next sweep tries again. */
+  partitionsSkipped: string[];
+  /** The planner's estimate of the rows that went with the dropped or detached partitions. */
+  estimatedRowsInRemovedPartitions: number;
+  /** Dry runs: the partitions a sweep would drop or detach now, and make ahead. */
+  partitionsToRemove?: string[];
+  partitionsToCreate?: string[];
+  /** Rows found in the default partition after the sweep. */
+  rowsInDefaultPartition: number;
+}
+
+export interface PartitionSweepResult {
+  /** Rows deleted (or counted, in a dry run) by DELETE, outside the removed partitions. */
+  rows: number;
+  batches: number;
+  report: PartitionReport;
+}
+
+export interface PartitionSweep {
+  pool: DatabasePool;
+  shape: TableShape;
+  config: PartitionConfig;
+  batchPages: number;
+  concurrency: number;
+  dryRun: boolean;
+  signal: AbortSignal;
+  logger: Logger;
+  onBatch: (batch: BatchReport) => void;
+}
+
+const LOCK_NOT_AVAILABLE = '55P03';
+const DAY_MS = 86_400_000;
+/** A margin of days on top of the longest token lifetime stored, for the premake horizon. */
+const PREMAKE_MARGIN_DAYS = 7;
+
+const partitionRow = z.object({
+  schema: z.string(),
+  name: z.string(),
+  isDefault: z.boolean(),
+  lower: z.number().nullable(),
+  upper: z.number().nullable(),
+  expired: z.boolean(),
+  current: z.boolean(),
+  estimatedRows: z.number(),
+});
+
+/** The direct partitions with their bounds, read on the database clock. */
+export async function listPartitions(pool: DatabasePool, shape: TableShape): Promise<Partition[]> {
+  // pg_get_expr prints a bound as `FOR VALUES FROM ('…') TO ('…')` in this session's
+  // TimeZone, and casting it back in the same session gives the exact instant.
+  const partitions = await pool.any(sql.type(partitionRow)`
+    WITH bounds AS (
+      SELECT n.nspname AS schema, c.relname AS name, c.reltuples,
+             c.relpartbound IS NOT NULL AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT' AS is_default,
+             substring(pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \\((.*)\\) TO \\(') AS lower_text,
+             substring(pg_get_expr(c.relpartbound, c.oid) FROM ' TO \\((.*)\\)$') AS upper_text
+      FROM pg_catalog.pg_inherits i
+      JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE i.inhparent = ${regclassOf(shape.relation)}
+    ), typed AS (
+      SELECT schema, name, is_default, reltuples,
+             CASE WHEN lower_text IN ('MINVALUE') OR lower_text IS NULL THEN NULL
+                  ELSE btrim(lower_text, '''')::timestamptz END AS lower_bound,
+             CASE WHEN upper_text IN ('MAXVALUE') OR upper_text IS NULL THEN NULL
+                  ELSE btrim(upper_text, '''')::timestamptz END AS upper_bound
+      FROM bounds
+    )
+    SELECT schema, name, is_default AS "isDefault",
+           (extract(epoch FROM lower_bound) * 1000)::float8 AS lower,
+           (extract(epoch FROM upper_bound) * 1000)::float8 AS upper,
+           coalesce(NOT is_default AND upper_bound <= now(), false) AS expired,
+           coalesce(NOT is_default AND (lower_bound IS NULL OR lower_bound <= now())
+                    AND (upper_bound IS NULL OR upper_bound > now()), false) AS current,
+           reltuples::float8 AS "estimatedRows"
+    FROM typed
+    ORDER BY upper_bound NULLS LAST, name
+  `);
+  return [...partitions];
+}
+
+export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionSweepResult> {
+  const { pool, shape, config, dryRun, signal } = sweep;
+  const log = sweep.logger.child('sweep');
+  const table = qualifiedName(shape.relation);
+  const parent = relationIdentifier(shape.relation);
+  const partitions = await listPartitions(pool, shape);
+  const expired = partitions.filter((partition) => partition.expired);
+  let rows = 0;
+  let batches = 0;
+  const result: PartitionReport = {
+    partitionsDropped: 0,
+    partitionsDetached: 0,
+    partitionsCreated: [],
+    partitionsSkipped: [],
+    estimatedRowsInRemovedPartitions: 0,
+    rowsInDefaultPartition: 0,
+  };
+
+  // 1. Expired partitions go whole, each in its own short transaction.
+  if (dryRun) {
+    result.partitionsToRemove = expired.map(qualifiedName);
+  } else {
+    for (const partition of expired) {
+      if (signal.aborted) break;
+      const statement =
+        config.expiredAction === 'detach'
+          ? sql.unsafe`ALTER TABLE ${parent} DETACH PARTITION ${relationIdentifier(partition)}`
+          : sql.unsafe`DROP TABLE ${relationIdentifier(partition)}`;
+      const done = await withLockTimeout(pool, config, statement, log, {
+        table,
+        partition: qualifiedName(partition),
+        action: config.expiredAction,
+      });
+      if (!done) {
+        result.partitionsSkipped.push(qualifiedName(partition));
+        continue;
+      }
+      if (config.expiredAction === 'detach') result.partitionsDetached += 1;
+      else result.partitionsDropped += 1;
+      result.estimatedRowsInRemovedPartitions += Math.max(0, partition.estimatedRows);
+      log.debug('sweep.partition_removed', `${config.expiredAction} ${qualifiedName(partition)}`, {
+        table,
+        partition: qualifiedName(partition),
+        action: config.expiredAction,
+      });
+    }
+  }
+
+  // 2. Partitions ahead, before anything else can fail, so inserts keep their partition.
+  const planned = await planPartitions(pool, shape, partitions, config);
+  if (dryRun) {
+    result.partitionsToCreate = planned.map((partition) => partition.name);
+  } else {
+    for (const partition of planned) {
+      if (signal.aborted) break;
+      const created = await createPartition(pool, shape, partition, config, log);
+      if (!created) break;
+      result.partitionsCreated.push(`${shape.relation.schema}.${partition.name}`);
+    }
+  }
+
+  // 3. Dead rows in what stays. Skipped partitions are left alone: their lock is contended,
+  // and the next sweep drops them whole anyway.
+  const staying = partitions.filter((partition) => !partition.expired);
+  const mode = dryRun ? 'count' : 'delete';
+  for (const partition of staying) {
+    if (signal.aborted) break;
+    if (partition.current || partition.isDefault) {
+      // These may hold expired rows too: walk them once for everything dead.
+      const walked = await walkTidRanges({
+        pool,
+        relation: partition,
+        deadPredicate: deadPredicate(shape),
+        batchPages: sweep.batchPages,
+        concurrency: sweep.concurrency,
+        mode,
+        signal,
+        onBatch: sweep.onBatch,
+      });
+      rows += walked.rows;
+      batches += walked.batches;
+    } else {
+      const marked = await deleteMarkedRows(pool, shape, partition, { mode, signal });
+      rows += marked.rows;
+      batches += marked.batches;
+    }
+  }
+
+  const defaultPartition = partitions.find((partition) => partition.isDefault);
+  if (defaultPartition) {
+    result.rowsInDefaultPartition = await pool.oneFirst(
+      sql.type(z.object({ count: z.number() }))`
+        SELECT count(*)::int AS count FROM ${relationIdentifier(defaultPartition)}
+      `,
+    );
+    if (result.rowsInDefaultPartition > 0) {
+      log.warn(
+        'sweep.default_partition_rows',
+        `${qualifiedName(defaultPartition)} holds ${result.rowsInDefaultPartition} live rows: inserts found no partition for their expiry. Make partitions further ahead (PARTITION_PREMAKE_DAYS), then move the rows.`,
+        { table, partition: qualifiedName(defaultPartition), rows: result.rowsInDefaultPartition },
+      );
+    }
+  }
+  return { rows, batches, report: result };
+}
+
+interface PlannedPartition {
+  name: string;
+  lower: number;
+  upper: number;
+}
+
+/**
+ * The partitions to make so that the table covers now() + the horizon. They continue the
+ * grid of the newest partition: same width (a day, a week, whatever the deployment chose),
+ * contiguous, starting at its upper bound, or at the grid step that holds now() when the
+ * newest partition is already in the past.
+ */
+async function planPartitions(
+  pool: DatabasePool,
+  shape: TableShape,
+  partitions: readonly Partition[],
+  config: PartitionConfig,
+): Promise<PlannedPartition[]> {
+  const clock = await pool.one(sql.type(z.object({ now: z.number(), longestMs: z.number() }))`
+    SELECT (extract(epoch FROM now()) * 1000)::float8 AS now,
+           coalesce((extract(epoch FROM max(${sql.identifier([shape.expiresAtColumn])}) - now()) * 1000)::float8, 0)
+             AS "longestMs"
+    FROM ${relationIdentifier(shape.relation)}
+  `);
+  const horizonDays =
+    config.premakeDays ??
+    Math.max(PREMAKE_MARGIN_DAYS, Math.ceil(clock.longestMs / DAY_MS) + PREMAKE_MARGIN_DAYS);
+  const horizon = clock.now + horizonDays * DAY_MS;
+
+  const ranged = partitions.filter(
+    (partition) => partition.lower !== null && partition.upper !== null,
+  );
+  const newest = ranged.at(-1);
+  const width = newest ? newest.upper! - newest.lower! : DAY_MS;
+  if (width <= 0) return [];
+  let lower = newest ? newest.upper! : Math.floor(clock.now / DAY_MS) * DAY_MS;
+  if (partitions.some((partition) => partition.upper === null && !partition.isDefault)) return [];
+  if (lower + width <= clock.now) lower += Math.floor((clock.now - lower) / width) * width;
+
+  const planned: PlannedPartition[] = [];
+  while (lower < horizon) {
+    planned.push({
+      name: partitionName(shape.relation.name, lower, width),
+      lower,
+      upper: lower + width,
+    });
+    lower += width;
+  }
+  return planned;
+}
+
+/** `<table>_pYYYYMMDD`, with `_HHMM` for partitions narrower than a day; at most 63 bytes. */
+export function partitionName(table: string, lower: number, width: number) {
+  const iso = new Date(lower).toISOString();
+  const suffix =
+    `_p${iso.slice(0, 4)}${iso.slice(5, 7)}${iso.slice(8, 10)}` +
+    (width % DAY_MS === 0 ? '' : `_${iso.slice(11, 13)}${iso.slice(14, 16)}`);
+  const room = 63 - Buffer.byteLength(suffix);
+  return Buffer.from(table).subarray(0, room).toString() + suffix;
+}
+
+async function createPartition(
+  pool: DatabasePool,
+  shape: TableShape,
+  partition: PlannedPartition,
+  config: PartitionConfig,
+  log: Logger,
+) {
+  const name = `${shape.relation.schema}.${partition.name}`;
+  const statement = sql.unsafe`
+    CREATE TABLE IF NOT EXISTS ${sql.identifier([shape.relation.schema, partition.name])}
+    PARTITION OF ${relationIdentifier(shape.relation)}
+    FOR VALUES FROM (${sql.literalValue(new Date(partition.lower).toISOString())})
+               TO (${sql.literalValue(new Date(partition.upper).toISOString())})
+  `;
+  try {
+    const done = await withLockTimeout(pool, config, statement, log, {
+      table: qualifiedName(shape.relation),
+      partition: name,
+      action: 'create',
+    });
+    if (done) {
+      log.debug('sweep.partition_created', `created ${name}`, { partition: name });
+    }
+    return done;
+  } catch (error) {
+    // Typically 23514: rows in the default partition already fall into this range.
+    log.warn(
+      'sweep.partition_create_failed',
+      `could not create ${name}; it is retried next sweep`,
+      {
+        table: qualifiedName(shape.relation),
+        partition: name,
+        error,
+      },
+    );
+    return false;
+  }
+}
+
+/**
+ * Runs one DDL statement in a transaction of its own under the configured lock_timeout. A
+ * lock that does not come in time is retried after a backoff (holding nothing meanwhile);
+ * after the last attempt it returns false. Any other error is thrown.
+ */
+async function withLockTimeout(
+  pool: DatabasePool,
+  config: PartitionConfig,
+  statement: ReturnType<typeof sql.unsafe>,
+  log: Logger,
+  context: Record<string, unknown>,
+): Promise<boolean> {
+  for (let attempt = 1; attempt <= config.lockAttempts; attempt += 1) {
+    try {
+      await pool.transaction(async (transaction) => {
+        await transaction.query(
+          sql.unsafe`SELECT set_config('lock_timeout', ${`${config.lockTimeoutMs}ms`}, true)`,
+        );
+        await transaction.query(statement);
+      });
+      return true;
+    } catch (error) {
+      if (serializeError(error).code !== LOCK_NOT_AVAILABLE) throw error;
+      const last = attempt === config.lockAttempts;
+      log.warn(
+        'sweep.lock_timeout',
+        last
+          ? `gave up on the lock after ${attempt} attempts; the next sweep tries again`
+          : `the lock did not come within ${config.lockTimeoutMs} ms; trying again`,
+        { ...context, attempt, lockTimeoutMs: config.lockTimeoutMs },
+      );
+      if (last) return false;
+      const backoff = Math.min(5_000, config.lockTimeoutMs * 2 ** attempt);
+      await delay(Math.round(backoff * (0.5 + Math.random() / 2)));
+    }
+  }
+  return false;
+}
