@@ -13,6 +13,7 @@ import { createDatabasePool, createPlainClient } from './db.js';
 import { ConfigurationError } from './errors.js';
 import { applyInstallPlan, buildInstallPlan, formatInstallPlan } from './install.js';
 import { createLogger, serializeError, type Logger } from './logger.js';
+import { convertToPartitioned } from './partition-convert.js';
 import { describeTargets } from './schema.js';
 import { VERSION } from './version.js';
 
@@ -24,6 +25,9 @@ Commands:
   start              run the daemon: the schedule and SIGUSR1 sweeps, until SIGTERM or SIGINT
   sweep [--dry-run]  run one sweep now and exit; --dry-run counts what would go, deletes nothing
   install [--print]  apply the SQL objects (idempotent); --print writes the SQL, changes nothing
+  partition convert [--print]
+                     turn the plain refresh-tokens table into one partitioned by day of
+                     expiry, online and without copying; --print shows the plan
   --help, --version
 
 Configuration comes from the environment; the README lists every variable.
@@ -32,12 +36,13 @@ DATABASE_URL (or the PG* variables) names the auth database's primary.`;
 /** A graceful stop that has not finished by then is forced; the contract promises 10 s. */
 const GRACEFUL_STOP_LIMIT_MS = 9_000;
 
-type Command = 'start' | 'sweep' | 'install';
+type Command = 'start' | 'sweep' | 'install' | 'partition convert';
 
 const FLAGS: Record<Command, Record<string, { type: 'boolean' }>> = {
   start: {},
   sweep: { 'dry-run': { type: 'boolean' } },
   install: { print: { type: 'boolean' } },
+  'partition convert': { print: { type: 'boolean' } },
 };
 
 export async function main(argv: readonly string[], environment = process.env): Promise<void> {
@@ -156,6 +161,9 @@ const COMMANDS: Record<
     }
     return 0;
   },
+
+  'partition convert': (config, logger, flags) =>
+    convertToPartitioned({ config, logger, print: flags.print === true }),
 };
 
 function parseInvocation(argv: readonly string[]) {
@@ -163,15 +171,20 @@ function parseInvocation(argv: readonly string[]) {
   if (first === undefined || first === '--help' || first === '-h' || first === 'help')
     return 'help';
   if (first === '--version' || first === '-v') return 'version';
-  if (!(first in FLAGS)) {
+  // `partition convert` is the one command of two words.
+  const [name, args] =
+    first === 'partition' && rest[0] === 'convert'
+      ? ['partition convert', rest.slice(1)]
+      : [first, rest];
+  if (!(name in FLAGS)) {
     throw new ConfigurationError([
-      `unknown command ${JSON.stringify(first)}. Use start, sweep or install; run token-reaper --help for usage.`,
+      `unknown command ${JSON.stringify([first, ...(first === 'partition' ? rest.slice(0, 1) : [])].join(' '))}. Use start, sweep, install or partition convert; run token-reaper --help for usage.`,
     ]);
   }
-  const command = first as Command;
+  const command = name as Command;
   try {
     const { values } = parseArgs({
-      args: [...rest],
+      args: [...args],
       options: FLAGS[command],
       strict: true,
       allowPositionals: false,

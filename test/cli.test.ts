@@ -29,7 +29,7 @@ describe('the command line', () => {
           name: 'an unknown command',
           args: ['reap'],
           env: { DATABASE_URL: unreachable },
-          message: /unknown command "reap"\. Use start, sweep or install/,
+          message: /unknown command "reap"\. Use start, sweep, install or partition convert/,
         },
         {
           name: 'an unknown flag',
