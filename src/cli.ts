@@ -11,6 +11,7 @@ import { loadConfig, type Config } from './config.js';
 import { createDaemon } from './daemon.js';
 import { createDatabasePool, createPlainClient } from './db.js';
 import { ConfigurationError } from './errors.js';
+import type { ReaperEvents, SweepProgressEvent } from './events.js';
 import { applyInstallPlan, buildInstallPlan, formatInstallPlan } from './install.js';
 import { createLogger, serializeError, type Logger } from './logger.js';
 import { convertToPartitioned } from './partition-convert.js';
@@ -114,6 +115,7 @@ const COMMANDS: Record<
       version: VERSION,
     });
     onStopSignal(logger, () => daemon.stop());
+    const progressLine = process.stderr.isTTY ? drawProgress(daemon.events) : null;
     try {
       // Check the tables first, so that a wrong name is a usage error (exit 2), not a
       // failed sweep (exit 1).
@@ -135,6 +137,7 @@ const COMMANDS: Record<
       }
       return outcome.status === 'failed' ? 1 : 0;
     } finally {
+      progressLine?.end();
       await daemon.stop();
     }
   },
@@ -219,6 +222,27 @@ function onStopSignal(logger: Logger, stopGracefully: () => Promise<void>) {
   };
   process.on('SIGTERM', handle);
   process.on('SIGINT', handle);
+}
+
+/** A progress line on a terminal's stderr, redrawn in place from the sweep's events. */
+function drawProgress(events: ReaperEvents) {
+  let drawn = false;
+  const draw = (progress: SweepProgressEvent) => {
+    const percent = progress.pagesTotal > 0 ? (100 * progress.pagesDone) / progress.pagesTotal : 0;
+    const eta = progress.etaSeconds === null ? '' : `, about ${progress.etaSeconds} s left`;
+    process.stderr.write(
+      `\r\x1b[K${progress.table}: ${percent.toFixed(0)}% of ${progress.pagesTotal} pages, ` +
+        `${progress.deleted} rows deleted, ${progress.rowsPerSecond} rows/s${eta}`,
+    );
+    drawn = true;
+  };
+  events.on('progress', draw);
+  return {
+    end() {
+      events.off('progress', draw);
+      if (drawn) process.stderr.write('\n');
+    },
+  };
 }
 
 function print(text: string) {

@@ -5,6 +5,7 @@
 // then is the pool closed.
 import type { DatabasePool } from 'slonik';
 import { formatTableName, type Config } from './config.js';
+import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
 import { createListener, type Listener } from './listener.js';
 import { createPurger, type Purger } from './purge.js';
@@ -18,6 +19,10 @@ import {
 } from './sweep/sweeper.js';
 
 export interface Daemon {
+  /** Typed events: every sweep outcome, progress, purge batches, catch-ups, the listener. */
+  readonly events: ReaperEvents;
+  /** True while the listener is connected with LISTEN in place. */
+  readonly listening: boolean;
   start(): Promise<void>;
   stop(): Promise<void>;
   sweep(trigger: SweepTrigger, options?: SweepOptions): Promise<SweepOutcome>;
@@ -29,11 +34,18 @@ export interface DaemonDependencies {
   /** The daemon owns the pool from here on: stop() ends it. */
   pool: DatabasePool;
   version: string;
+  events?: ReaperEvents;
 }
 
-export function createDaemon({ config, logger, pool, version }: DaemonDependencies): Daemon {
+export function createDaemon({
+  config,
+  logger,
+  pool,
+  version,
+  events = createReaperEvents(),
+}: DaemonDependencies): Daemon {
   const log = logger.child('daemon');
-  const sweeper = createSweeper({ pool, config, logger });
+  const sweeper = createSweeper({ pool, config, logger, events });
   let schedule: Schedule | null = null;
   let listener: Listener | null = null;
   let purger: Purger | null = null;
@@ -51,13 +63,14 @@ export function createDaemon({ config, logger, pool, version }: DaemonDependenci
         { table: qualifiedName(refreshTokens.relation) },
       );
     }
-    const purge = createPurger({ pool, shape: refreshTokens, logger });
+    const purge = createPurger({ pool, shape: refreshTokens, logger, events });
     purger = purge;
     listener = createListener({
       config,
       logger,
       onNotification: (payload) => purge.receive(payload),
       onConnected: () => void purge.catchUp('connected'),
+      events,
     });
     await listener.start();
     if (config.scheduleEnabled) {
@@ -96,6 +109,10 @@ export function createDaemon({ config, logger, pool, version }: DaemonDependenci
   };
 
   return {
+    events,
+    get listening() {
+      return listener?.connected ?? false;
+    },
     start: () => (starting ??= start()),
     stop: () => (stopping ??= stop()),
     sweep: (trigger, options) => sweeper.sweep(trigger, options),

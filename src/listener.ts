@@ -15,6 +15,7 @@
 // missed), onConnected asks for a catch-up that deletes whatever was revoked meanwhile.
 import pgListen from 'pg-listen';
 import type { Config } from './config.js';
+import { createReaperEvents, type ReaperEvents } from './events.js';
 import { listenerConnectionConfig } from './db.js';
 import type { Logger } from './logger.js';
 
@@ -37,6 +38,7 @@ export interface ListenerOptions {
   onNotification: (payload: string | undefined) => void;
   /** Called after every successful connect, with LISTEN already in place. */
   onConnected: (reconnected: boolean) => void;
+  events?: ReaperEvents;
 }
 
 /** 250 ms doubling to 10 s, each delay drawn from its upper half so replicas spread out. */
@@ -54,6 +56,7 @@ export function createListener({
   logger,
   onNotification,
   onConnected,
+  events = createReaperEvents(),
 }: ListenerOptions): Listener {
   const log = logger.child('listener');
   const channel = config.notifyChannel;
@@ -78,6 +81,7 @@ export function createListener({
   subscriber.events.on('reconnect', (attempt) => {
     if (attempt === 1) {
       connected = false;
+      events.emit('listener', { connected: false });
       disconnectedAt = performance.now();
       log.warn('listener.disconnected', 'the listener lost its connection; reconnecting', {
         channel,
@@ -96,6 +100,7 @@ export function createListener({
   subscriber.events.on('connected', () => {
     if (!listening || stopped) return;
     connected = true;
+    events.emit('listener', { connected: true });
     log.info('listener.connected', `listening on ${channel} again`, {
       channel,
       reconnected: true,
@@ -120,6 +125,7 @@ export function createListener({
       }
       listening = true;
       connected = true;
+      events.emit('listener', { connected: true });
       log.info('listener.connected', `listening on ${channel}`, { channel, reconnected: false });
       onConnected(false);
     },
@@ -127,6 +133,7 @@ export function createListener({
       if (stopped) return;
       stopped = true;
       connected = false;
+      events.emit('listener', { connected: false });
       // UNLISTEN before anything else stops, so nothing new arrives during the shutdown. On a
       // dead connection both calls may never answer; the shutdown does not wait for them.
       const close = async () => {

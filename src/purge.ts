@@ -16,6 +16,7 @@
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { retryOnDeadlock } from './db.js';
+import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
 import { markedPredicate } from './predicates.js';
 import { qualifiedName, relationIdentifier, type IdType, type TableShape } from './schema.js';
@@ -105,10 +106,12 @@ export function createPurger({
   pool,
   shape,
   logger,
+  events = createReaperEvents(),
 }: {
   pool: DatabasePool;
   shape: TableShape;
   logger: Logger;
+  events?: ReaperEvents;
 }): Purger {
   const log = logger.child('purge');
   const listenerLog = logger.child('listener');
@@ -154,13 +157,15 @@ export function createPurger({
       FROM gone
     `),
     );
-    log.info('purge.batch', `purged ${result.deleted} of ${batch.length} revoked tokens`, {
+    const report = {
       table: tableName,
       ids: batch.length,
       deleted: result.deleted,
       durationMs: Math.round(performance.now() - started),
       latencyMs: result.latencyMs === null ? null : Math.round(result.latencyMs * 10) / 10,
-    });
+    };
+    log.info('purge.batch', `purged ${result.deleted} of ${batch.length} revoked tokens`, report);
+    events.emit('purge', report);
   };
 
   const runCatchUp = async () => {
@@ -177,6 +182,14 @@ export function createPurger({
       deleted,
       durationMs: Math.round(performance.now() - started),
     });
+    const emit = (failed: boolean) =>
+      events.emit('catchUp', {
+        table: tableName,
+        deleted,
+        reasons: [...reasons],
+        durationMs: Math.round(performance.now() - started),
+        failed,
+      });
     try {
       for (const leaf of shape.leaves) {
         if (stopped) break;
@@ -187,12 +200,14 @@ export function createPurger({
         `caught up: ${deleted} revoked tokens deleted`,
         fields(),
       );
+      emit(false);
     } catch (error) {
       listenerLog.warn(
         'listener.catch_up_failed',
         `catch-up failed after deleting ${deleted} revoked tokens; the sweep will delete the rest`,
         { ...fields(), error },
       );
+      emit(true);
     }
     for (const resolve of waiters) resolve(deleted);
   };

@@ -5,6 +5,7 @@ import type pg from 'pg';
 import type { DatabasePool } from 'slonik';
 import { loadConfig } from '../src/config.js';
 import { createDatabasePool } from '../src/db.js';
+import { createReaperEvents, type SweepProgressEvent } from '../src/events.js';
 import {
   createSweeper,
   SWEEP_LOCK,
@@ -350,6 +351,68 @@ describe('the sweep', () => {
     );
     finished(await sweeper.sweep('cli'));
     expect(await allIds(database.current, { table })).to.deep.equal(live);
+  });
+
+  it('reports progress while a long sweep runs: events every second, a log line every 5 s', async function () {
+    this.timeout(30_000);
+    const schema = 'sweep_progress';
+    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
+    const table = `${schema}.refresh_tokens`;
+    await insertRandomRows(database.current, {
+      table,
+      kind: 'refresh_tokens',
+      count: 20_000,
+      seed: 0.3,
+    });
+    const config = loadConfig({
+      DATABASE_URL: database.url,
+      NODE_ENV: 'test',
+      REFRESH_TOKENS_TABLE: table,
+      PASSWORD_RESETS_TABLE: 'none',
+      SWEEP_BATCH_PAGES: '10',
+    });
+    const logs = createCapturingLogger('info');
+    const pool = await createDatabasePool(config, logs.logger, { maximumPoolSize: 2 });
+    const events = createReaperEvents();
+    const progress: SweepProgressEvent[] = [];
+    events.on('progress', (event) => progress.push(event));
+    const sweeper = createSweeper({ pool, config, logger: logs.logger, events });
+    cleanup.push(async () => {
+      await sweeper.stop();
+      await pool.end();
+    });
+    // A row lock in the middle of the table holds the sweep there, in flight, for as long
+    // as the test needs.
+    const holder = await database.current.pool.connect();
+    await holder.query('BEGIN');
+    await holder.query(
+      `SELECT 1 FROM ${table} WHERE ctid >= '(100,0)' AND revoked ORDER BY ctid LIMIT 1 FOR UPDATE`,
+    );
+    let outcome: Promise<SweepOutcome> | undefined;
+    try {
+      outcome = sweeper.sweep('cli');
+      await waitFor(() => logs.events('sweep.progress').length > 0, {
+        timeoutMs: 15_000,
+        message: 'a sweep.progress line',
+      });
+    } finally {
+      await holder.query('COMMIT');
+      holder.release();
+    }
+    finished(await outcome!);
+    expect(progress.length).to.be.at.least(4);
+    const last = progress.at(-1)!;
+    expect(last).to.include({ table });
+    expect(last.pagesDone).to.be.greaterThan(0).and.below(last.pagesTotal);
+    expect(last.deleted).to.be.greaterThan(0);
+    const [line] = logs.events('sweep.progress');
+    expect(line).to.include.keys(
+      'pagesDone',
+      'pagesTotal',
+      'deleted',
+      'rowsPerSecond',
+      'etaSeconds',
+    );
   });
 
   it('fails cleanly when the table is gone, and succeeds once it is back', async () => {

@@ -79,6 +79,7 @@ export interface PartitionSweep {
   signal: AbortSignal;
   logger: Logger;
   onBatch: (batch: BatchReport) => void;
+  onStart: (pages: number) => void;
 }
 
 const LOCK_NOT_AVAILABLE = '55P03';
@@ -210,6 +211,7 @@ export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionS
         mode,
         signal,
         onBatch: sweep.onBatch,
+        onStart: sweep.onStart,
       });
       rows += walked.rows;
       batches += walked.batches;

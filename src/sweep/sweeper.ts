@@ -10,10 +10,12 @@
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { targetsOf, type Config } from '../config.js';
+import { createReaperEvents, type ReaperEvents } from '../events.js';
 import type { Logger } from '../logger.js';
 import { deadPredicate } from '../predicates.js';
 import { describeTarget, qualifiedName, type TableShape } from '../schema.js';
 import { sweepPartitions, type PartitionReport } from './partitions.js';
+import { trackProgress, type ProgressTracker } from './progress.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
 
 export type SweepTrigger = 'schedule' | 'signal' | 'cli';
@@ -64,11 +66,17 @@ export interface SweeperDependencies {
   pool: DatabasePool;
   config: Pick<Config, 'refreshTokens' | 'passwordResets' | 'sweep'>;
   logger: Logger;
+  events?: ReaperEvents;
 }
 
 const lockedRow = z.object({ locked: z.boolean() });
 
-export function createSweeper({ pool, config, logger }: SweeperDependencies): Sweeper {
+export function createSweeper({
+  pool,
+  config,
+  logger,
+  events = createReaperEvents(),
+}: SweeperDependencies): Sweeper {
   const log = logger.child('sweep');
   const abort = new AbortController();
   let running: { trigger: SweepTrigger; outcome: Promise<SweepOutcome> } | null = null;
@@ -78,7 +86,8 @@ export function createSweeper({ pool, config, logger }: SweeperDependencies): Sw
     return { status: 'skipped', trigger, reason };
   };
 
-  const onBatch = (dryRun: boolean) => (batch: BatchReport) =>
+  const onBatch = (dryRun: boolean, progress: ProgressTracker) => (batch: BatchReport) => {
+    progress.batch(batch.toPage - batch.fromPage, dryRun ? 0 : batch.rows);
     log.debug('sweep.batch', 'batch done', {
       table: qualifiedName(batch.relation),
       fromPage: batch.fromPage,
@@ -86,16 +95,27 @@ export function createSweeper({ pool, config, logger }: SweeperDependencies): Sw
       [dryRun ? 'wouldDelete' : 'deleted']: batch.rows,
       durationMs: batch.durationMs,
     });
+  };
 
   // A table partitioned by expiry drops whole partitions; anything else is walked by TID
   // ranges, a partitioned table one leaf at a time.
   const sweepTable = async (shape: TableShape, dryRun: boolean) => {
+    const progress = trackProgress(qualifiedName(shape.relation), log, events);
+    try {
+      return await sweepTableWith(shape, dryRun, progress);
+    } finally {
+      progress.stop();
+    }
+  };
+
+  const sweepTableWith = async (shape: TableShape, dryRun: boolean, progress: ProgressTracker) => {
     const settings = {
       pool,
       batchPages: config.sweep.batchPages,
       concurrency: config.sweep.concurrency,
       signal: abort.signal,
-      onBatch: onBatch(dryRun),
+      onBatch: onBatch(dryRun, progress),
+      onStart: progress.addPages,
     };
     if (shape.partitionedByExpiry) {
       const partitions = await sweepPartitions({
@@ -208,7 +228,11 @@ export function createSweeper({ pool, config, logger }: SweeperDependencies): Sw
 
   return {
     sweep(trigger, options = {}) {
-      if (abort.signal.aborted) return Promise.resolve(skip(trigger, 'token-reaper is stopping'));
+      if (abort.signal.aborted) {
+        const skipped = skip(trigger, 'token-reaper is stopping');
+        events.emit('sweep', skipped);
+        return Promise.resolve(skipped);
+      }
       if (running) {
         log.info('sweep.joined', `a sweep is already running; this ${trigger} request joins it`, {
           trigger,
@@ -216,9 +240,14 @@ export function createSweeper({ pool, config, logger }: SweeperDependencies): Sw
         });
         return running.outcome;
       }
-      const outcome = run(trigger, options.dryRun ?? false).finally(() => {
-        running = null;
-      });
+      const outcome = run(trigger, options.dryRun ?? false)
+        .then((result) => {
+          events.emit('sweep', result);
+          return result;
+        })
+        .finally(() => {
+          running = null;
+        });
       running = { trigger, outcome };
       return outcome;
     },

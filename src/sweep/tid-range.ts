@@ -38,6 +38,8 @@ export interface TidRangeWalk {
   /** Checked between batches: a batch in flight always finishes whole. */
   signal: AbortSignal;
   onBatch: (batch: BatchReport) => void;
+  /** Called once the walk knows how many pages it will cover. */
+  onStart?: (pages: number) => void;
 }
 
 export interface TidRangeResult {
@@ -56,6 +58,7 @@ export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult>
     SELECT (pg_relation_size(${regclassOf(relation)})
             / current_setting('block_size')::int)::int AS pages
   `);
+  walk.onStart?.(pages);
 
   const runBatch = async (fromPage: number, toPage: number) => {
     const range = sql.fragment`ctid >= ${`(${fromPage},0)`}::tid AND ctid < ${`(${toPage},0)`}::tid AND ${walk.deadPredicate}`;
