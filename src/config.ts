@@ -54,6 +54,12 @@ export interface SweepConfig {
   readonly partitions: PartitionConfig;
 }
 
+export interface MetricsConfig {
+  /** Prometheus metrics and health probes on this port, or null (the default) for none. */
+  readonly port: number | null;
+  readonly host: string;
+}
+
 export interface Config {
   readonly databaseUrl: string;
   readonly notifyChannel: string;
@@ -61,6 +67,12 @@ export interface Config {
   /** null when PASSWORD_RESETS_TABLE=none. */
   readonly passwordResets: TargetConfig | null;
   readonly sweep: SweepConfig;
+  /**
+   * How long a revoked token is kept before either path deletes it (RFC 9700 §4.14.2: the
+   * auth service can still recognise a replayed rotated token). 0 deletes at once.
+   */
+  readonly revokedGraceSeconds: number;
+  readonly metrics: MetricsConfig;
   /** Bounds every statement the daemon runs, so a blocked delete fails instead of hanging. */
   readonly statementTimeoutMs: number;
   readonly logLevel: LogLevel;
@@ -147,6 +159,15 @@ export function loadConfig(environment: Environment): Config {
         ? null
         : readInteger(read, problems, 'PARTITION_PREMAKE_DAYS', 30, 1, 3650),
   };
+  const revokedGraceSeconds = readDuration(read, problems, 'REFRESH_TOKEN_REVOKED_GRACE');
+  const metricsPortSetting = read('METRICS_PORT');
+  const metrics: MetricsConfig = {
+    port:
+      metricsPortSetting === undefined
+        ? null
+        : readInteger(read, problems, 'METRICS_PORT', 9464, 1, 65_535),
+    host: read('METRICS_HOST') ?? '0.0.0.0',
+  };
   const statementTimeoutMs = readInteger(
     read,
     problems,
@@ -171,6 +192,8 @@ export function loadConfig(environment: Environment): Config {
     refreshTokens,
     passwordResets,
     sweep: { schedule, timezone, batchPages, concurrency, partitions },
+    revokedGraceSeconds,
+    metrics,
     statementTimeoutMs,
     logLevel: logLevelSetting as LogLevel,
     scheduleEnabled: environment.NODE_ENV !== 'test',
@@ -311,6 +334,26 @@ function readInteger(
     return fallback;
   }
   return number;
+}
+
+const DURATION_UNITS: Record<string, number> = { s: 1, m: 60, h: 3_600, d: 86_400 };
+
+/** Seconds from `90`, `90s`, `15m`, `1h` or `7d`; 0 when unset. */
+function readDuration(
+  read: (name: string) => string | undefined,
+  problems: string[],
+  variable: string,
+): number {
+  const value = read(variable);
+  if (value === undefined) return 0;
+  const match = /^(\d+)([smhd]?)$/.exec(value);
+  if (!match) {
+    problems.push(
+      `${variable}=${JSON.stringify(value)} is not a duration. Use a whole number with an optional unit: 90, 90s, 15m, 1h or 7d.`,
+    );
+    return 0;
+  }
+  return Number(match[1]) * DURATION_UNITS[match[2] || 's']!;
 }
 
 function isTimezone(name: string) {
