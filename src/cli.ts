@@ -60,6 +60,15 @@ export async function main(argv: readonly string[], environment = process.env): 
   }
 
   const logger = createLogger({ level: config.logLevel });
+  // slonik races a query against its connection's 'error' event and, when the connection
+  // dies first (a server restart, pg_terminate_backend), abandons the query's promise, which
+  // rejects later with nobody listening; Node would then end the daemon. Every loop here
+  // handles its own failures, so such a rejection is logged and the daemon carries on.
+  process.on('unhandledRejection', (reason) => {
+    logger.warn('process.unhandled_rejection', 'a promise rejected with no handler; carrying on', {
+      error: reason instanceof Error ? reason : new Error(String(reason)),
+    });
+  });
   let code: number;
   try {
     code = await COMMANDS[invocation.command](config, logger, invocation.flags);

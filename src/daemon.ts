@@ -104,7 +104,11 @@ export function createDaemon({
     await purger?.stop();
     await schedule?.stop();
     await sweeper.stop();
-    await pool.end();
+    // Ending a pool whose connections died with the server can fail; the process is
+    // stopping either way, and the failure is not worth a non-zero exit.
+    await pool.end().catch((error: unknown) => {
+      log.warn('daemon.pool_end_failed', 'closing the database pool failed', { error });
+    });
     log.info('daemon.stopped', 'token-reaper stopped');
   };
 
