@@ -15,7 +15,7 @@ import type { ReaperEvents, SweepProgressEvent } from './events.js';
 import { applyInstallPlan, buildInstallPlan, formatInstallPlan } from './install.js';
 import { createLogger, serializeError, type Logger } from './logger.js';
 import { convertToPartitioned } from './partition-convert.js';
-import { describeTargets } from './schema.js';
+import { describeTargets, describeTargetsToRun } from './schema.js';
 import { VERSION } from './version.js';
 
 const USAGE = `token-reaper ${VERSION}: deletes dead refresh tokens and password resets from PostgreSQL.
@@ -128,7 +128,7 @@ const COMMANDS: Record<
     try {
       // Check the tables first, so that a wrong name is a usage error (exit 2), not a
       // failed sweep (exit 1).
-      await describeTargets(pool, config);
+      await describeTargetsToRun(pool, config);
       const outcome = await daemon.sweep('cli', { dryRun: flags['dry-run'] === true });
       if (outcome.status === 'finished' && outcome.dryRun) {
         for (const [table, result] of Object.entries(outcome.tables)) {

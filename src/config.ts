@@ -29,6 +29,8 @@ export interface TargetConfig {
   readonly idColumn: string;
   readonly markColumn: string | null;
   readonly expiresAtColumn: string;
+  /** How long a marked row is kept before it may be deleted; 0 for password resets. */
+  readonly revokedGraceSeconds: number;
 }
 
 export interface PartitionConfig {
@@ -86,8 +88,8 @@ type Environment = Readonly<Record<string, string | undefined>>;
 
 // Unquoted identifiers only. Anything else (spaces, quotes, dots inside a name) is far more
 // likely a typo than a real table name, and refusing it keeps every name safe to print.
-const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_$]*$/;
-const MAXIMUM_IDENTIFIER_BYTES = 63;
+export const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_$]*$/;
+export const MAXIMUM_IDENTIFIER_BYTES = 63;
 
 export function loadConfig(environment: Environment): Config {
   const problems: string[] = [];
@@ -124,11 +126,13 @@ export function loadConfig(environment: Environment): Config {
     read('REFRESH_TOKENS_TABLE') ?? 'refresh_tokens',
     problems,
   );
+  const revokedGraceSeconds = readDuration(read, problems, 'REFRESH_TOKEN_REVOKED_GRACE');
   const refreshTokens = readTarget(read, problems, {
     kind: 'refresh_tokens',
     table: refreshTokensTable,
     prefix: 'REFRESH_TOKENS',
     markVariable: 'REFRESH_TOKENS_REVOKED_COLUMN',
+    revokedGraceSeconds,
   });
 
   const passwordResetsSetting = read('PASSWORD_RESETS_TABLE') ?? 'password_resets';
@@ -159,7 +163,6 @@ export function loadConfig(environment: Environment): Config {
         ? null
         : readInteger(read, problems, 'PARTITION_PREMAKE_DAYS', 30, 1, 3650),
   };
-  const revokedGraceSeconds = readDuration(read, problems, 'REFRESH_TOKEN_REVOKED_GRACE');
   const metricsPortSetting = read('METRICS_PORT');
   const metrics: MetricsConfig = {
     port:
@@ -275,7 +278,13 @@ function databaseUrlFromPgVariables(read: (name: string) => string | undefined) 
 function readTarget(
   read: (name: string) => string | undefined,
   problems: string[],
-  target: { kind: TargetKind; table: QualifiedName; prefix: string; markVariable: string },
+  target: {
+    kind: TargetKind;
+    table: QualifiedName;
+    prefix: string;
+    markVariable: string;
+    revokedGraceSeconds?: number;
+  },
 ): TargetConfig {
   const column = (variable: string, fallback: string | null) => {
     const value = read(variable) ?? fallback;
@@ -288,6 +297,7 @@ function readTarget(
     idColumn: column(`${target.prefix}_ID_COLUMN`, 'id')!,
     markColumn: column(target.markVariable, null),
     expiresAtColumn: column(`${target.prefix}_EXPIRES_AT_COLUMN`, 'expires_at')!,
+    revokedGraceSeconds: target.revokedGraceSeconds ?? 0,
   };
 }
 

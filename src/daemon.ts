@@ -10,7 +10,7 @@ import type { Logger } from './logger.js';
 import { createListener, type Listener } from './listener.js';
 import { createPurger, type Purger } from './purge.js';
 import { startSchedule, type Schedule } from './scheduler.js';
-import { describeTargets, qualifiedName } from './schema.js';
+import { describeTargetsToRun, qualifiedName } from './schema.js';
 import {
   createSweeper,
   type SweepOptions,
@@ -54,7 +54,7 @@ export function createDaemon({
 
   const start = async () => {
     // Fail fast on a wrong table or column: exit 2 now beats a failed sweep at 3 am.
-    const shapes = await describeTargets(pool, config);
+    const shapes = await describeTargetsToRun(pool, config);
     const refreshTokens = shapes[0]!;
     if (!refreshTokens.revokeTriggerInstalled) {
       log.warn(

@@ -18,8 +18,15 @@ import { z } from 'zod';
 import { retryOnDeadlock } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
-import { markedPredicate } from './predicates.js';
-import { qualifiedName, relationIdentifier, type IdType, type TableShape } from './schema.js';
+import { markedPredicate, recordsRevocations } from './predicates.js';
+import { recordRevocations, recordUnseenRevocations } from './revocations.js';
+import {
+  idTypeOf,
+  qualifiedName,
+  relationIdentifier,
+  type IdType,
+  type TableShape,
+} from './schema.js';
 import { deleteMarkedRows } from './sweep/marked-rows.js';
 
 export const MAXIMUM_BATCH_IDS = 1_000;
@@ -32,7 +39,7 @@ export interface Revocation {
   revokedAt: string;
 }
 
-export type CatchUpReason = 'connected' | 'bad_payload' | 'queue_full';
+export type CatchUpReason = 'connected' | 'bad_payload' | 'queue_full' | 'grace_due';
 
 export interface Purger {
   /** Validates a NOTIFY payload and queues its id; a bad payload is logged and caught up. */
@@ -49,14 +56,6 @@ const ID_PATTERNS: Record<IdType, RegExp> = {
   integer: /^-?\d{1,10}$/,
   text: /^[\s\S]{1,512}$/,
   'character varying': /^[\s\S]{1,512}$/,
-};
-
-const ID_ARRAY_CASTS: Record<IdType, ReturnType<typeof sql.fragment>> = {
-  uuid: sql.fragment`uuid[]`,
-  bigint: sql.fragment`bigint[]`,
-  integer: sql.fragment`integer[]`,
-  text: sql.fragment`text[]`,
-  'character varying': sql.fragment`text[]`,
 };
 
 /** A revocation, or why the payload is not one. Exported for tests. */
@@ -127,6 +126,19 @@ export function createPurger({
     null;
   let working: Promise<void> | null = null;
   let stopped = false;
+  const grace = shape.target.revokedGraceSeconds;
+  // With a grace, a NOTIFY deletes nothing: it records the time of the revocation (a boolean
+  // column has none of its own), and a catch-up on a timer deletes the rows whose grace has
+  // passed, through the same grace-aware predicate as every other delete.
+  const recording = recordsRevocations(shape);
+  const graceTimer =
+    grace > 0
+      ? setInterval(
+          () => void requestCatchUp('grace_due'),
+          Math.min(60_000, Math.max(1_000, (grace * 1000) / 4)),
+        )
+      : null;
+  graceTimer?.unref();
 
   const deleteBatch = async (batch: Revocation[]) => {
     const started = performance.now();
@@ -139,7 +151,7 @@ export function createPurger({
           ${sql.array(
             batch.map((revocation) => revocation.id),
             'text',
-          )}::${ID_ARRAY_CASTS[shape.idType]},
+          )}::${idTypeOf(shape)}[],
           ${sql.array(
             batch.map((revocation) => revocation.revokedAt),
             'text',
@@ -168,6 +180,18 @@ export function createPurger({
     events.emit('purge', report);
   };
 
+  const recordBatch = async (batch: Revocation[]) => {
+    const started = performance.now();
+    const recorded = await recordRevocations(pool, shape, batch);
+    log.info('purge.recorded', `recorded ${recorded} revocation times; the grace starts there`, {
+      table: tableName,
+      ids: batch.length,
+      recorded,
+      graceSeconds: grace,
+      durationMs: Math.round(performance.now() - started),
+    });
+  };
+
   const runCatchUp = async () => {
     const { reasons, waiters } = catchUp!;
     // Cleared before the work starts: a request that arrives during it gets a catch-up of
@@ -193,6 +217,7 @@ export function createPurger({
     try {
       for (const leaf of shape.leaves) {
         if (stopped) break;
+        if (recording) await recordUnseenRevocations(pool, shape, leaf);
         await deleteMarkedRows(pool, shape, leaf, { onBatch: (rows) => (deleted += rows) });
       }
       listenerLog.info(
@@ -223,7 +248,7 @@ export function createPurger({
           if (batch.length === MAXIMUM_BATCH_IDS) break;
         }
         try {
-          await deleteBatch(batch);
+          await (recording ? recordBatch(batch) : deleteBatch(batch));
         } catch (error) {
           log.warn('purge.failed', 'purge failed; the next catch-up or sweep deletes these', {
             table: tableName,
@@ -279,12 +304,15 @@ export function createPurger({
         void requestCatchUp('queue_full');
         return;
       }
+      // A timestamp column keeps its own revocation time: with a grace, nothing to do now.
+      if (grace > 0 && !recording) return;
       if (!queue.has(parsed.id)) queue.set(parsed.id, parsed.revokedAt);
       start();
     },
     catchUp: (reason) => (stopped ? Promise.resolve(0) : requestCatchUp(reason)),
     async stop() {
       stopped = true;
+      if (graceTimer) clearInterval(graceTimer);
       queue.clear();
       await working;
       // Whoever waits for a catch-up that will not run now is told that nothing was deleted.

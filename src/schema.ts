@@ -46,6 +46,20 @@ export type IdType = (typeof ID_TYPES)[number];
 
 export const REVOKE_TRIGGER_NAME = 'token_reaper_notify_revoked';
 
+const ID_TYPE_NAMES: Record<IdType, FragmentSqlToken> = {
+  uuid: sql.fragment`uuid`,
+  bigint: sql.fragment`bigint`,
+  integer: sql.fragment`integer`,
+  text: sql.fragment`text`,
+  // A varchar column compares with text without a cast, and keeps its index.
+  'character varying': sql.fragment`text`,
+};
+
+/** The id column's type, for casting ids that arrive as text (from a payload, a record). */
+export function idTypeOf(shape: Pick<TableShape, 'idType'>): FragmentSqlToken {
+  return ID_TYPE_NAMES[shape.idType];
+}
+
 const MARK_CANDIDATES = {
   refresh_tokens: { names: ['revoked', 'revoked_at'], variable: 'REFRESH_TOKENS_REVOKED_COLUMN' },
   password_resets: { names: ['used', 'used_at'], variable: 'PASSWORD_RESETS_USED_COLUMN' },
@@ -222,5 +236,31 @@ export async function describeTargets(
 ): Promise<TableShape[]> {
   const shapes: TableShape[] = [];
   for (const target of targetsOf(config)) shapes.push(await describeTarget(connection, target));
+  return shapes;
+}
+
+/**
+ * The targets, described and checked for what running needs beyond their shape: a grace on a
+ * boolean revoked column keeps revocation times in token_reaper.revocations, which install
+ * creates. (install itself only needs describeTargets: it is what creates the table.)
+ */
+export async function describeTargetsToRun(
+  connection: CommonQueryMethods,
+  config: Pick<Config, 'refreshTokens' | 'passwordResets'>,
+): Promise<TableShape[]> {
+  const shapes = await describeTargets(connection, config);
+  const needsRevocations = shapes.find(
+    (shape) => shape.markShape === 'boolean' && shape.target.revokedGraceSeconds > 0,
+  );
+  if (
+    needsRevocations &&
+    !(await connection.exists(
+      sql.unsafe`SELECT 1 WHERE to_regclass('token_reaper.revocations') IS NOT NULL`,
+    ))
+  ) {
+    throw new SchemaError([
+      `REFRESH_TOKEN_REVOKED_GRACE needs token_reaper.revocations to keep revocation times for ${qualifiedName(needsRevocations.relation)}, whose "${needsRevocations.markColumn}" column has none. Run "token-reaper install" to create it.`,
+    ]);
+  }
   return shapes;
 }

@@ -123,6 +123,18 @@ describe('the command line', () => {
       );
     });
 
+    it('exits 2 when a grace needs the revocations table that install has not created', async () => {
+      const result = await runCli(['start'], {
+        DATABASE_URL: database.url,
+        PASSWORD_RESETS_TABLE: 'none',
+        REFRESH_TOKEN_REVOKED_GRACE: '1h',
+      });
+      expect(result.code, result.stderr).to.equal(2);
+      expect(result.stderr).to.match(
+        /REFRESH_TOKEN_REVOKED_GRACE needs token_reaper\.revocations .* Run "token-reaper install"/,
+      );
+    });
+
     it('exits 2 when the default password_resets table is missing, and says how to disable it', async () => {
       const result = await runCli(['sweep'], { DATABASE_URL: database.url });
       expect(result.code, result.stderr).to.equal(2);

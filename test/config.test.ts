@@ -56,6 +56,13 @@ describe('config', () => {
     expect(config.refreshTokens.markColumn).to.equal('revoked_at');
   });
 
+  it('reads the revoked-token grace as a duration, for refresh tokens only', () => {
+    const config = loadConfig({ ...minimal, REFRESH_TOKEN_REVOKED_GRACE: '15m' });
+    expect(config.refreshTokens.revokedGraceSeconds).to.equal(900);
+    expect(config.passwordResets?.revokedGraceSeconds).to.equal(0);
+    expect(loadConfig(minimal).refreshTokens.revokedGraceSeconds).to.equal(0);
+  });
+
   it('falls back to the PG* variables like psql does', () => {
     const config = loadConfig({
       PGHOST: 'db.internal',
@@ -105,6 +112,7 @@ describe('config', () => {
       SWEEP_BATCH_PAGES: '0',
       SWEEP_CONCURRENCY: 'two',
       REFRESH_TOKENS_REVOKED_COLUMN: 'revoked-at',
+      REFRESH_TOKEN_REVOKED_GRACE: '5 minutes',
     });
     const expectations: [string, RegExp][] = [
       ['REFRESH_TOKEN_CLEANUP_CRON', /not a valid cron expression.*"0 3 \* \* \*"/],
@@ -116,6 +124,7 @@ describe('config', () => {
       ['SWEEP_BATCH_PAGES', /whole number from 1/],
       ['SWEEP_CONCURRENCY', /whole number from 1/],
       ['REFRESH_TOKENS_REVOKED_COLUMN', /not a valid name/],
+      ['REFRESH_TOKEN_REVOKED_GRACE', /not a duration\. Use .*90s, 15m, 1h or 7d/],
     ];
     expect(problems).to.have.length(expectations.length);
     for (const [variable, pattern] of expectations) {

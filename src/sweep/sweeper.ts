@@ -12,7 +12,8 @@ import { z } from 'zod';
 import { targetsOf, type Config } from '../config.js';
 import { createReaperEvents, type ReaperEvents } from '../events.js';
 import type { Logger } from '../logger.js';
-import { deadPredicate } from '../predicates.js';
+import { deadPredicate, recordsRevocations } from '../predicates.js';
+import { forgetRevocations, recordUnseenRevocations } from '../revocations.js';
 import { describeTarget, qualifiedName, type TableShape } from '../schema.js';
 import { sweepPartitions, type PartitionReport } from './partitions.js';
 import { trackProgress, type ProgressTracker } from './progress.js';
@@ -100,11 +101,19 @@ export function createSweeper({
   // A table partitioned by expiry drops whole partitions; anything else is walked by TID
   // ranges, a partitioned table one leaf at a time.
   const sweepTable = async (shape: TableShape, dryRun: boolean) => {
+    // With a grace on a boolean column, a revoked row's time must be known before the sweep
+    // can tell whether its grace has passed: rows revoked while no NOTIFY was heard get the
+    // time they are first seen. Afterwards, the records of rows now gone are forgotten.
+    const recording = recordsRevocations(shape) && !dryRun;
+    if (recording) {
+      for (const leaf of shape.leaves) await recordUnseenRevocations(pool, shape, leaf);
+    }
     const progress = trackProgress(qualifiedName(shape.relation), log, events);
     try {
       return await sweepTableWith(shape, dryRun, progress);
     } finally {
       progress.stop();
+      if (recording) await forgetRevocations(pool, shape);
     }
   };
 
