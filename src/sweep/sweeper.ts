@@ -19,7 +19,7 @@ import { sweepPartitions, type PartitionReport } from './partitions.js';
 import { trackProgress, type ProgressTracker } from './progress.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
 
-export type SweepTrigger = 'schedule' | 'signal' | 'cli';
+export type SweepTrigger = 'schedule' | 'signal' | 'cli' | 'api';
 
 export interface SweepOptions {
   /** Count what would be deleted, delete nothing. */

@@ -1,0 +1,73 @@
+// The library API: token-reaper inside an existing Node service (the story's NestJS auth
+// service, say) instead of as a process of its own. It installs no signal handlers and reads
+// no environment: the host passes the settings, under the same names as the CLI's
+// environment variables (README, "Configuration"), validated the same way.
+import { loadConfig, type Config } from './config.js';
+import { createDaemon } from './daemon.js';
+import { createDatabasePool } from './db.js';
+import { createReaperEvents, type ReaperEvents } from './events.js';
+import { createLogger, type Logger } from './logger.js';
+import type { SweepOptions, SweepOutcome } from './sweep/sweeper.js';
+import { VERSION } from './version.js';
+
+export { ConfigurationError, SchemaError } from './errors.js';
+export type {
+  CatchUpEvent,
+  PurgeBatchEvent,
+  ReaperEventMap,
+  ReaperEvents,
+  SweepProgressEvent,
+} from './events.js';
+export type { Logger } from './logger.js';
+export type { SweepOptions, SweepOutcome, TableSweepResult } from './sweep/sweeper.js';
+export type { Config };
+
+export interface ReaperOptions {
+  /**
+   * Settings by environment variable name: DATABASE_URL (required), REFRESH_TOKENS_TABLE,
+   * REFRESH_TOKEN_CLEANUP_CRON, NODE_ENV (`test`: no schedule)… Pass `process.env` to read
+   * the environment like the CLI does.
+   */
+  settings: Readonly<Record<string, string | undefined>>;
+  /** Defaults to JSON lines on stdout at LOG_LEVEL, as the CLI logs. */
+  logger?: Logger;
+}
+
+export interface Reaper {
+  /** Typed events: `sweep`, `progress`, `purge`, `catchUp`, `listener`. */
+  readonly events: ReaperEvents;
+  readonly config: Config;
+  /** True while the listener is connected and the last sweep, if any, did not fail. */
+  readonly ready: boolean;
+  /** Checks the tables, starts the listener and the schedule. Idempotent. */
+  start(): Promise<void>;
+  /** Ordered, graceful stop; closes the pool. Idempotent. */
+  stop(): Promise<void>;
+  /** One sweep now; joins one already running. Never throws: failures are outcomes. */
+  sweep(options?: SweepOptions): Promise<SweepOutcome>;
+}
+
+/** Throws ConfigurationError (naming every bad setting) before touching the database. */
+export async function createReaper(options: ReaperOptions): Promise<Reaper> {
+  const config = loadConfig(options.settings);
+  const logger = options.logger ?? createLogger({ level: config.logLevel });
+  const events = createReaperEvents();
+  const pool = await createDatabasePool(config, logger, {
+    maximumPoolSize: config.sweep.concurrency + 2,
+  });
+  const daemon = createDaemon({ config, logger, pool, version: VERSION, events });
+  let lastSweepFailed = false;
+  events.on('sweep', (outcome) => {
+    if (outcome.status !== 'skipped') lastSweepFailed = outcome.status === 'failed';
+  });
+  return {
+    events,
+    config,
+    get ready() {
+      return daemon.listening && !lastSweepFailed;
+    },
+    start: () => daemon.start(),
+    stop: () => daemon.stop(),
+    sweep: (sweepOptions) => daemon.sweep('api', sweepOptions),
+  };
+}

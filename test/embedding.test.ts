@@ -1,0 +1,90 @@
+// The library API as the README's NestJS example uses it: the TokenCleanupService provider,
+// minus its decorators, runs here without the CLI, against a real PostgreSQL.
+import { expect } from 'chai';
+import { createReaper, type Reaper, type SweepOutcome } from '../src/index.js';
+import { ConfigurationError } from '../src/errors.js';
+import { createCapturingLogger } from './support/capture-logger.js';
+import { runCli, waitFor } from './support/cli.js';
+import { useTestDatabase } from './support/database.js';
+import { createReferenceSchema, insertRandomRows } from './support/fixtures.js';
+
+// ---- The README's example, as a NestJS provider would hold it ----
+class TokenCleanupService {
+  private reaper?: Reaper;
+  readonly outcomes: SweepOutcome[] = [];
+
+  constructor(private readonly settings: Record<string, string | undefined>) {}
+
+  async onModuleInit() {
+    this.reaper = await createReaper({ settings: this.settings, logger: capture.logger });
+    this.reaper.events.on('sweep', (outcome) => this.outcomes.push(outcome));
+    await this.reaper.start();
+  }
+
+  async onModuleDestroy() {
+    await this.reaper?.stop();
+  }
+
+  /** For an admin endpoint: a sweep now. */
+  sweepNow() {
+    return this.reaper!.sweep();
+  }
+}
+// ----
+
+const capture = createCapturingLogger('info');
+
+describe('the library API', () => {
+  const database = useTestDatabase('embedding');
+
+  before(async () => {
+    await createReferenceSchema(database.current);
+    await insertRandomRows(database.current, { table: 'refresh_tokens', count: 2_000, seed: 0.1 });
+    await insertRandomRows(database.current, { table: 'password_resets', count: 500, seed: 0.2 });
+    const install = await runCli(['install'], { DATABASE_URL: database.url });
+    expect(install.code, install.stderr).to.equal(0);
+  });
+
+  it('runs the NestJS example: purges revocations, sweeps on demand, stops, and installs no signal handler', async () => {
+    const signals = ['SIGTERM', 'SIGINT', 'SIGUSR1'] as const;
+    const before = signals.map((signal) => process.listenerCount(signal));
+    const service = new TokenCleanupService({ DATABASE_URL: database.url, NODE_ENV: 'test' });
+    await service.onModuleInit();
+    try {
+      expect(signals.map((signal) => process.listenerCount(signal))).to.deep.equal(before);
+      const [token] = await database.query(
+        `UPDATE refresh_tokens SET revoked = true
+         WHERE id = (SELECT id FROM refresh_tokens WHERE NOT revoked AND expires_at > now() LIMIT 1)
+         RETURNING id::text`,
+      );
+      await waitFor(
+        async () =>
+          (await database.query('SELECT 1 FROM refresh_tokens WHERE id = $1', [token!.id]))
+            .length === 0,
+        { message: 'the revoked token to be purged' },
+      );
+      const outcome = await service.sweepNow();
+      expect(outcome).to.include({ status: 'finished', trigger: 'api' });
+      expect(service.outcomes).to.have.length(1);
+      const dead = await database.query(
+        `SELECT count(*)::int AS count FROM refresh_tokens WHERE revoked OR expires_at < now()`,
+      );
+      expect(dead[0]!.count).to.equal(0);
+    } finally {
+      await service.onModuleDestroy();
+    }
+    expect(capture.events('daemon.stopped')).to.have.length(1);
+  });
+
+  it('reports bad settings before touching the database', async () => {
+    try {
+      await createReaper({
+        settings: { DATABASE_URL: 'mysql://x', REFRESH_TOKEN_CLEANUP_CRON: 'often' },
+      });
+      expect.fail('createReaper accepted bad settings');
+    } catch (error) {
+      expect(error).to.be.instanceOf(ConfigurationError);
+      expect((error as ConfigurationError).problems).to.have.length(2);
+    }
+  });
+});
