@@ -60,6 +60,15 @@ describe('the sweep', () => {
     while (cleanup.length > 0) await cleanup.pop()!();
   });
 
+  /** A reference refresh-tokens table alone in `schema`, filled with `count` random rows. */
+  async function tokenTable(schema: string, count: number) {
+    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
+    const table = `${schema}.refresh_tokens`;
+    const seed = Math.random();
+    await insertRandomRows(database.current, { table, kind: 'refresh_tokens', count, seed });
+    return table;
+  }
+
   for (const shape of ['boolean', 'timestamp'] as const) {
     it(`deletes exactly the dead rows of random data in the ${shape} shape, and no live one`, async () => {
       const schema = `sweep_${shape}`;
@@ -121,16 +130,7 @@ describe('the sweep', () => {
   }
 
   it('keeps every live row while writers insert and revoke during the sweep', async () => {
-    const schema = 'sweep_concurrent';
-    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
-    const table = `${schema}.refresh_tokens`;
-    await insertRandomRows(database.current, {
-      table,
-      kind: 'refresh_tokens',
-      shape: 'boolean',
-      count: 60_000,
-      seed: Math.random(),
-    });
+    const table = await tokenTable('sweep_concurrent', 60_000);
     const deadBefore = await database.current.query(
       `SELECT id::text AS id FROM ${table} WHERE revoked OR expires_at < now()`,
     );
@@ -280,16 +280,7 @@ describe('the sweep', () => {
   });
 
   it('stops between batches when asked, leaving no live row deleted', async () => {
-    const schema = 'sweep_stop';
-    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
-    const table = `${schema}.refresh_tokens`;
-    await insertRandomRows(database.current, {
-      table,
-      kind: 'refresh_tokens',
-      shape: 'boolean',
-      count: 50_000,
-      seed: Math.random(),
-    });
+    const table = await tokenTable('sweep_stop', 50_000);
     const live = await liveIds(database.current, {
       table,
       kind: 'refresh_tokens',

@@ -56,24 +56,28 @@ export interface EmbeddedServer {
 }
 
 /**
- * Settings that make a throwaway cluster fast and predictable. Durability is worthless for test
- * data; fault tests that restart the server use a fast shutdown, which checkpoints anyway.
- * Listening on 127.0.0.1 only, with no Unix socket, keeps it clear of a system PostgreSQL.
+ * Settings that make a throwaway cluster fast: durability is worthless for test data, and
+ * fault tests that restart the server use a fast shutdown, which checkpoints anyway. The
+ * container in global.ts gets the same ones.
  */
-const SERVER_FLAGS = [
-  '-c',
+export const TEST_SERVER_SETTINGS = [
   'fsync=off',
-  '-c',
   'synchronous_commit=off',
-  '-c',
   'full_page_writes=off',
-  '-c',
   'max_connections=200',
-  '-c',
-  'listen_addresses=127.0.0.1',
-  '-c',
-  'unix_socket_directories=',
 ];
+
+/** `-c name=value` for each setting, as postgres takes them on its command line. */
+export function serverFlags(settings: readonly string[]): string[] {
+  return settings.flatMap((setting) => ['-c', setting]);
+}
+
+// Listening on 127.0.0.1 only, with no Unix socket, keeps it clear of a system PostgreSQL.
+const SERVER_FLAGS = serverFlags([
+  ...TEST_SERVER_SETTINGS,
+  'listen_addresses=127.0.0.1',
+  'unix_socket_directories=',
+]);
 
 /** Asks the kernel for a free TCP port. Another process could take it before PostgreSQL binds it; on a test machine that race is rare enough. */
 export async function findFreePort(): Promise<number> {

@@ -18,7 +18,7 @@ import {
   maskPassword,
   SERVER_URL_VARIABLE,
 } from './database.js';
-import { startEmbeddedServer } from './embedded-server.js';
+import { serverFlags, startEmbeddedServer, TEST_SERVER_SETTINGS } from './embedded-server.js';
 
 const CONTAINER_IMAGE = 'postgres:17-alpine';
 
@@ -99,17 +99,7 @@ async function startContainer(): Promise<ProvisionedServer | undefined> {
     .withUsername('postgres')
     .withPassword('postgres')
     .withDatabase('postgres')
-    .withCommand([
-      'postgres',
-      '-c',
-      'fsync=off',
-      '-c',
-      'synchronous_commit=off',
-      '-c',
-      'full_page_writes=off',
-      '-c',
-      'max_connections=200',
-    ])
+    .withCommand(['postgres', ...serverFlags(TEST_SERVER_SETTINGS)])
     .start();
   return {
     source: `a testcontainers container (${CONTAINER_IMAGE})`,
