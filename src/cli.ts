@@ -14,6 +14,7 @@ import { ConfigurationError } from './errors.js';
 import type { ReaperEvents, SweepProgressEvent } from './events.js';
 import { applyInstallPlan, buildInstallPlan, formatInstallPlan } from './install.js';
 import { createLogger, serializeError, type Logger } from './logger.js';
+import { createMetrics, startMetricsServer, type MetricsServer } from './metrics.js';
 import { convertToPartitioned } from './partition-convert.js';
 import { describeTargets, describeTargetsToRun } from './schema.js';
 import { VERSION } from './version.js';
@@ -101,7 +102,20 @@ const COMMANDS: Record<
     // Without a schedule (NODE_ENV=test) and with the pool's connections closed after an
     // error, nothing else would keep the event loop alive until the stop signal.
     const keepAlive = setInterval(() => undefined, 2 ** 31 - 1);
+    let metricsServer: MetricsServer | null = null;
     try {
+      if (config.metrics.port !== null) {
+        // Before the daemon starts, so that /healthz answers during startup.
+        metricsServer = await startMetricsServer({
+          metrics: createMetrics(daemon.events, {
+            readiness: () => daemon.readiness(),
+            version: VERSION,
+          }),
+          port: config.metrics.port,
+          host: config.metrics.host,
+          logger,
+        });
+      }
       await daemon.start();
       await stopped;
     } catch (error) {
@@ -109,6 +123,7 @@ const COMMANDS: Record<
       throw error;
     } finally {
       clearInterval(keepAlive);
+      await metricsServer?.close();
     }
     return 0;
   },

@@ -18,11 +18,25 @@ import {
   type SweepTrigger,
 } from './sweep/sweeper.js';
 
+export type UnreadyReason = 'listener_disconnected' | 'last_sweep_failed';
+
+export interface Readiness {
+  ready: boolean;
+  /** Empty when ready. */
+  reasons: UnreadyReason[];
+}
+
 export interface Daemon {
   /** Typed events: every sweep outcome, progress, purge batches, catch-ups, the listener. */
   readonly events: ReaperEvents;
   /** True while the listener is connected with LISTEN in place. */
   readonly listening: boolean;
+  /**
+   * Ready while the listener is connected and the last sweep did not fail (a skipped sweep
+   * is normal with two replicas; any sweep that gets through its tables clears a failure).
+   * /readyz and the library's `ready` both answer with this.
+   */
+  readiness(): Readiness;
   start(): Promise<void>;
   stop(): Promise<void>;
   sweep(trigger: SweepTrigger, options?: SweepOptions): Promise<SweepOutcome>;
@@ -46,6 +60,10 @@ export function createDaemon({
 }: DaemonDependencies): Daemon {
   const log = logger.child('daemon');
   const sweeper = createSweeper({ pool, config, logger, events });
+  let lastSweepFailed = false;
+  events.on('sweep', (outcome) => {
+    if (outcome.status !== 'skipped') lastSweepFailed = outcome.status === 'failed';
+  });
   let schedule: Schedule | null = null;
   let listener: Listener | null = null;
   let purger: Purger | null = null;
@@ -116,6 +134,12 @@ export function createDaemon({
     events,
     get listening() {
       return listener?.connected ?? false;
+    },
+    readiness() {
+      const reasons: UnreadyReason[] = [];
+      if (!(listener?.connected ?? false)) reasons.push('listener_disconnected');
+      if (lastSweepFailed) reasons.push('last_sweep_failed');
+      return { ready: reasons.length === 0, reasons };
     },
     start: () => (starting ??= start()),
     stop: () => (stopping ??= stop()),

@@ -3,7 +3,7 @@
 // no environment: the host passes the settings, under the same names as the CLI's
 // environment variables (README, "Configuration"), validated the same way.
 import { loadConfig, type Config } from './config.js';
-import { createDaemon } from './daemon.js';
+import { createDaemon, type Readiness } from './daemon.js';
 import { createDatabasePool } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import { createLogger, type Logger } from './logger.js';
@@ -18,9 +18,12 @@ export type {
   ReaperEvents,
   SweepProgressEvent,
 } from './events.js';
+export type { Readiness, UnreadyReason } from './daemon.js';
 export type { Logger } from './logger.js';
 export type { SweepOptions, SweepOutcome, TableSweepResult } from './sweep/sweeper.js';
 export type { Config };
+export { createMetrics, startMetricsServer } from './metrics.js';
+export type { Metrics, MetricsOptions, MetricsServer, MetricsServerOptions } from './metrics.js';
 
 export interface ReaperOptions {
   /**
@@ -39,6 +42,8 @@ export interface Reaper {
   readonly config: Config;
   /** True while the listener is connected and the last sweep, if any, did not fail. */
   readonly ready: boolean;
+  /** The same, with the reasons when not ready: what /readyz answers. */
+  readiness(): Readiness;
   /** Checks the tables, starts the listener and the schedule. Idempotent. */
   start(): Promise<void>;
   /** Ordered, graceful stop; closes the pool. Idempotent. */
@@ -56,16 +61,13 @@ export async function createReaper(options: ReaperOptions): Promise<Reaper> {
     maximumPoolSize: config.sweep.concurrency + 2,
   });
   const daemon = createDaemon({ config, logger, pool, version: VERSION, events });
-  let lastSweepFailed = false;
-  events.on('sweep', (outcome) => {
-    if (outcome.status !== 'skipped') lastSweepFailed = outcome.status === 'failed';
-  });
   return {
     events,
     config,
     get ready() {
-      return daemon.listening && !lastSweepFailed;
+      return daemon.readiness().ready;
     },
+    readiness: () => daemon.readiness(),
     start: () => daemon.start(),
     stop: () => daemon.stop(),
     sweep: (sweepOptions) => daemon.sweep('api', sweepOptions),
