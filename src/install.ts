@@ -14,17 +14,19 @@ import { createHash } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import type pg from 'pg';
+import { sql, type CommonQueryMethods } from 'slonik';
+import { z } from 'zod';
 import { escapeIdentifier, escapeLiteral } from 'pg';
 import type { Config, TargetKind } from './config.js';
 import { NewerSchemaVersionError } from './errors.js';
 import type { Logger } from './logger.js';
-import type { TableShape } from './schema.js';
+import { qualifiedName, type TableShape } from './schema.js';
 import { SWEEP_LOCK } from './sweep/sweeper.js';
 
 export const SQL_DIRECTORY = fileURLToPath(new URL('../sql/', import.meta.url));
 
 /** Object 2 in token-reaper's advisory lock class: install. */
-const INSTALL_LOCK = { classId: SWEEP_LOCK.classId, objectId: 2 } as const;
+export const INSTALL_LOCK = { classId: SWEEP_LOCK.classId, objectId: 2 } as const;
 
 export interface InstallStep {
   version: number;
@@ -144,18 +146,53 @@ export function renderSql(
   });
 }
 
+/**
+ * Partitions that already have an index attached to a partitioned index, by the parent index
+ * (`schema.name`): a partition made after the parent's index exists gets its own from
+ * PostgreSQL, and building a second one would leave it unattachable.
+ */
+export type AttachedIndexes = ReadonlyMap<string, ReadonlySet<string>>;
+
+const attachedIndexRow = z.object({ parentIndex: z.string(), partition: z.string() });
+
+export async function readAttachedIndexes(
+  connection: CommonQueryMethods,
+): Promise<AttachedIndexes> {
+  const rows = await connection.any(sql.type(attachedIndexRow)`
+    SELECT parent_namespace.nspname || '.' || parent_index.relname AS "parentIndex",
+           partition_namespace.nspname || '.' || partition.relname AS partition
+    FROM pg_catalog.pg_inherits inheritance
+    JOIN pg_catalog.pg_class parent_index
+      ON parent_index.oid = inheritance.inhparent AND parent_index.relkind = 'I'
+    JOIN pg_catalog.pg_namespace parent_namespace ON parent_namespace.oid = parent_index.relnamespace
+    JOIN pg_catalog.pg_index child_index ON child_index.indexrelid = inheritance.inhrelid
+    JOIN pg_catalog.pg_class partition ON partition.oid = child_index.indrelid
+    JOIN pg_catalog.pg_namespace partition_namespace ON partition_namespace.oid = partition.relnamespace
+  `);
+  const attached = new Map<string, Set<string>>();
+  for (const row of rows) {
+    if (!attached.has(row.parentIndex)) attached.set(row.parentIndex, new Set());
+    attached.get(row.parentIndex)!.add(row.partition);
+  }
+  return attached;
+}
+
 export async function buildInstallPlan(
   config: Pick<Config, 'notifyChannel'>,
   shapes: readonly TableShape[],
+  attachedIndexes: AttachedIndexes = new Map(),
   directory = SQL_DIRECTORY,
 ): Promise<InstallStep[]> {
   const kinds = new Set<string>(['all', ...shapes.map((shape) => shape.target.kind)]);
   const variables = templateVariables(config, shapes);
   const files = (await readSqlFiles(directory)).filter((file) => kinds.has(file.target));
   return files.map((file) => {
-    const statements = renderStatements(file, shapes, variables);
+    const statements = renderStatements(file, shapes, variables, attachedIndexes);
+    // The checksum is of the file rendered for these tables, not of what the database already
+    // has: indexes a partition got from its parent make statements drop out, not the file change.
+    const rendered = renderStatements(file, shapes, variables, new Map());
     const checksum = createHash('sha256')
-      .update(statements.map((statement) => statement.sql).join('\n'))
+      .update(rendered.map((statement) => statement.sql).join('\n'))
       .digest('hex')
       .slice(0, 16);
     return {
@@ -177,13 +214,15 @@ function renderStatements(
   file: SqlFile,
   shapes: readonly TableShape[],
   variables: ReturnType<typeof templateVariables>,
+  attachedIndexes: AttachedIndexes,
 ): InstallStatement[] {
   const sql = renderSql(file.text, variables, file.file).trim();
   if (file.indexVariable === null) return [{ sql, index: null }];
   const shape = shapes.find((candidate) => candidate.target.kind === file.target)!;
   const name = (variables.get(file.indexVariable) as { identifier: string }).identifier;
   if (!shape.partitioned) return [{ sql, index: { schema: shape.relation.schema, name } }];
-  return partitionedIndexStatements(file, shape, name, sql);
+  const attached = attachedIndexes.get(`${shape.relation.schema}.${name}`) ?? new Set<string>();
+  return partitionedIndexStatements(file, shape, name, sql, attached);
 }
 
 /**
@@ -199,6 +238,7 @@ function partitionedIndexStatements(
   shape: TableShape,
   parentIndex: string,
   parentSql: string,
+  attached: ReadonlySet<string>,
 ): InstallStatement[] {
   const prefix = shape.target.kind;
   const parentTable = `${escapeIdentifier(shape.relation.schema)}.${escapeIdentifier(shape.relation.name)}`;
@@ -208,7 +248,8 @@ function partitionedIndexStatements(
   const statements: InstallStatement[] = [{ sql: onlyParent, index: null }];
   // The parent's index is <table>_<column>_idx; each partition's is <partition>_<column>_idx.
   const suffix = parentIndex.slice(shape.relation.name.length);
-  for (const leaf of shape.leaves) {
+  // Partitions made after the parent's index existed already have theirs.
+  for (const leaf of shape.leaves.filter((leaf) => !attached.has(qualifiedName(leaf)))) {
     const leafIndex = truncateName(`${leaf.name}${suffix}`);
     const leafVariables = templateVariables({ notifyChannel: '' }, [shape]);
     leafVariables.set(`${prefix}_schema`, { identifier: leaf.schema });
@@ -305,7 +346,7 @@ export async function applyInstallPlan(
 // statement holds a snapshot, and the other installer's CREATE INDEX CONCURRENTLY waits for
 // every snapshot to go away while it holds the lock. So the wait happens here, between
 // statements, where this session holds no snapshot at all.
-async function acquireInstallLock(client: pg.Client, log: Logger) {
+export async function acquireInstallLock(client: pg.Client, log: Logger) {
   let waitMs = 50;
   for (;;) {
     const result = await client.query<{ locked: boolean }>(
@@ -343,7 +384,7 @@ async function inTransaction(client: pg.Client, work: () => Promise<void>) {
   }
 }
 
-async function dropInvalidIndex(
+export async function dropInvalidIndex(
   client: pg.Client,
   index: { schema: string; name: string },
   log: Logger,
@@ -370,11 +411,11 @@ async function dropInvalidIndex(
 
 // PostgreSQL truncates names to 63 bytes; doing it here keeps the name we check for invalid
 // leftovers the same as the name the server creates.
-function indexName(table: string, column: string) {
+export function indexName(table: string, column: string) {
   return truncateName(`${table}_${column}_idx`);
 }
 
-function truncateName(name: string) {
+export function truncateName(name: string) {
   return Buffer.from(name).subarray(0, 63).toString();
 }
 

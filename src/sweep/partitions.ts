@@ -316,11 +316,30 @@ async function createPartition(
                TO (${sql.literalValue(new Date(partition.upper).toISOString())})
   `;
   try {
-    const done = await withLockTimeout(pool, config, statement, log, {
-      table: qualifiedName(shape.relation),
-      partition: name,
-      action: 'create',
-    });
+    // PostgreSQL makes whoever creates a table its owner. Created as the daemon's own role, a
+    // partition would not belong to the table's owner, whose migrations (ALTER TABLE … ADD
+    // COLUMN recurses into every partition) would then fail with "must be owner". So the
+    // partition is created as the owner, when the daemon may SET ROLE to it (install --role
+    // makes it a member) and the owner may create tables in the schema.
+    const asOwner = sql.unsafe`
+      SELECT set_config('role', o.rolname, true)
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
+      WHERE c.oid = ${regclassOf(shape.relation)} AND o.rolname <> current_user
+        AND pg_catalog.pg_has_role(o.oid, 'MEMBER')
+        AND pg_catalog.has_schema_privilege(o.oid, c.relnamespace, 'CREATE')
+    `;
+    const done = await withLockTimeout(
+      pool,
+      config,
+      statement,
+      log,
+      {
+        table: qualifiedName(shape.relation),
+        partition: name,
+        action: 'create',
+      },
+      asOwner,
+    );
     if (done) {
       log.debug('sweep.partition_created', `created ${name}`, { partition: name });
     }
@@ -351,6 +370,7 @@ async function withLockTimeout(
   statement: ReturnType<typeof sql.unsafe>,
   log: Logger,
   context: Record<string, unknown>,
+  setup?: ReturnType<typeof sql.unsafe>,
 ): Promise<boolean> {
   for (let attempt = 1; attempt <= config.lockAttempts; attempt += 1) {
     try {
@@ -358,6 +378,7 @@ async function withLockTimeout(
         await transaction.query(
           sql.unsafe`SELECT set_config('lock_timeout', ${`${config.lockTimeoutMs}ms`}, true)`,
         );
+        if (setup) await transaction.query(setup);
         await transaction.query(statement);
       });
       return true;
