@@ -12,7 +12,13 @@ import { createDaemon } from './daemon.js';
 import { createDatabasePool, createPlainClient } from './db.js';
 import { ConfigurationError } from './errors.js';
 import type { ReaperEvents, SweepProgressEvent } from './events.js';
-import { applyInstallPlan, buildInstallPlan, formatInstallPlan } from './install.js';
+import {
+  applyInstallPlan,
+  buildInstallPlan,
+  formatInstallPlan,
+  readAttachedIndexes,
+} from './install.js';
+import { applyRolePlan, checkRoleName, formatRolePlan, planRole } from './role.js';
 import { createLogger, serializeError, type Logger } from './logger.js';
 import { createMetrics, startMetricsServer, type MetricsServer } from './metrics.js';
 import { convertToPartitioned } from './partition-convert.js';
@@ -26,7 +32,9 @@ Usage: token-reaper <command>
 Commands:
   start              run the daemon: the schedule and SIGUSR1 sweeps, until SIGTERM or SIGINT
   sweep [--dry-run]  run one sweep now and exit; --dry-run counts what would go, deletes nothing
-  install [--print]  apply the SQL objects (idempotent); --print writes the SQL, changes nothing
+  install [--print] [--role NAME]
+                     apply the SQL objects (idempotent); --print writes the SQL, changes
+                     nothing; --role also creates a role with just the rights the daemon needs
   partition convert [--print]
                      turn the plain refresh-tokens table into one partitioned by day of
                      expiry, online and without copying; --print shows the plan
@@ -40,15 +48,18 @@ const GRACEFUL_STOP_LIMIT_MS = 9_000;
 
 type Command = 'start' | 'sweep' | 'install' | 'partition convert';
 
-const FLAGS: Record<Command, Record<string, { type: 'boolean' }>> = {
+/** Flag values as parseArgs returns them: a boolean, or a string for a flag that takes one. */
+type Flags = Record<string, boolean | string | undefined>;
+
+const FLAGS: Record<Command, Record<string, { type: 'boolean' | 'string' }>> = {
   start: {},
   sweep: { 'dry-run': { type: 'boolean' } },
-  install: { print: { type: 'boolean' } },
+  install: { print: { type: 'boolean' }, role: { type: 'string' } },
   'partition convert': { print: { type: 'boolean' } },
 };
 
 export async function main(argv: readonly string[], environment = process.env): Promise<void> {
-  let invocation: { command: Command; flags: Record<string, boolean | undefined> };
+  let invocation: { command: Command; flags: Flags };
   let config: Config;
   try {
     const parsed = parseInvocation(argv);
@@ -86,7 +97,11 @@ export async function main(argv: readonly string[], environment = process.env): 
 
 const COMMANDS: Record<
   Command,
-  (config: Config, logger: Logger, flags: Record<string, boolean | undefined>) => Promise<number>
+  (
+    config: Config,
+    logger: Logger,
+    flags: Record<string, boolean | string | undefined>,
+  ) => Promise<number>
 > = {
   async start(config, logger) {
     const pool = await createDatabasePool(config, logger, {
@@ -167,22 +182,34 @@ const COMMANDS: Record<
   },
 
   async install(config, logger, flags) {
+    // --role NAME: after the install plan, a role with exactly the rights the daemon needs.
+    const role = typeof flags.role === 'string' ? checkRoleName(flags.role) : null;
     const pool = await createDatabasePool(config, logger, { maximumPoolSize: 1 });
-    const shapes = await describeTargets(pool, config).finally(() => pool.end());
-    const plan = await buildInstallPlan(config, shapes);
-    if (flags.print) {
+    const [shapes, attachedIndexes] = await Promise.all([
+      describeTargets(pool, config),
+      readAttachedIndexes(pool),
+    ]).finally(() => pool.end());
+    const plan = await buildInstallPlan(config, shapes, attachedIndexes);
+    if (flags.print && role === null) {
       process.stdout.write(formatInstallPlan(plan));
       return 0;
     }
     const client = createPlainClient(config, logger);
     await client.connect();
     try {
+      // Planned before anything is applied, so that a role it refuses changes nothing.
+      const rolePlan = role === null ? null : await planRole(client, role, shapes);
+      if (flags.print) {
+        process.stdout.write(`${formatInstallPlan(plan)}\n${formatRolePlan(rolePlan!)}`);
+        return 0;
+      }
       const result = await applyInstallPlan(client, plan, logger);
       logger.info(
         'install.finished',
         `install finished: ${result.applied.length} applied, ${result.unchanged.length} already in place`,
         { applied: result.applied, unchanged: result.unchanged },
       );
+      if (rolePlan !== null) await applyRolePlan(client, rolePlan, logger);
     } finally {
       await client.end();
     }
@@ -216,7 +243,7 @@ function parseInvocation(argv: readonly string[]) {
       strict: true,
       allowPositionals: false,
     });
-    return { command, flags: values as Record<string, boolean | undefined> };
+    return { command, flags: values as Flags };
   } catch (error) {
     const known = Object.keys(FLAGS[command]).map((flag) => `--${flag}`);
     throw new ConfigurationError([
