@@ -21,7 +21,7 @@ import {
 import { applyRolePlan, checkRoleName, formatRolePlan, planRole } from './role.js';
 import { createLogger, serializeError, type Logger } from './logger.js';
 import { createMetrics, startMetricsServer, type MetricsServer } from './metrics.js';
-import { convertToPartitioned } from './partition-convert.js';
+import { convertToPartitioned } from './partition/convert.js';
 import { describeTargets, describeTargetsToRun } from './schema.js';
 import { VERSION } from './version.js';
 

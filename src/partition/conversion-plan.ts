@@ -1,4 +1,4 @@
-// partition convert's plan (see partition-convert.ts) as SQL: the concurrent index builds, the
+// partition convert's plan (see convert.ts) as SQL: the concurrent index builds, the
 // CHECK that lets ATTACH PARTITION skip its scan, and the swap. The plan is computed from the
 // catalog and the database clock before anything changes, so `--print` shows exactly what a
 // run executes, and a refusal (exit 2) comes before the first statement.
@@ -7,7 +7,7 @@ import type { DatabasePool } from 'slonik';
 import { targetsOf, type Config, type PartitionConfig } from '../config.js';
 import { SchemaError } from '../errors.js';
 import { describeTarget, qualifiedName, type Relation, type TableShape } from '../schema.js';
-import { partitionName } from '../sweep/partitions.js';
+import { PREMAKE_MARGIN_DAYS, partitionName, premakeHorizonDays } from '../sweep/partitions.js';
 import {
   conversionNames,
   keyIndexName,
@@ -22,7 +22,6 @@ const { escapeIdentifier, escapeLiteral } = pg;
 
 const DAY_MS = 86_400_000;
 /** The sweep's margin on top of the longest token lifetime stored (see planPartitions). */
-const PREMAKE_MARGIN_DAYS = 7;
 /**
  * Up to this many heap pages (1 MB), the table gets no CHECK: ATTACH scans it under the lock in
  * about a millisecond, and a bound read from so few rows could not be trusted anyway (an empty
@@ -118,7 +117,7 @@ function planConversion(facts: TableFacts, settings: PartitionConfig): Conversio
   // PARTITION_PREMAKE_DAYS, the operator's statement of the longest lifetime, when that is
   // later), rounded up to the next UTC midnight. A token issued before the swap expires about
   // one lifetime after it was issued: a day and more before the bound. The swap follows within
-  // seconds; if it fails, the CHECK is removed again (see convertTable in partition-convert.ts).
+  // seconds; if it fails, the CHECK is removed again (see convertTable in convert.ts).
   const { now } = facts.clock;
   const longestMs = Math.max(0, (facts.clock.latest ?? now) - now);
   const lifetimeMs = Math.max(longestMs, (settings.premakeDays ?? 0) * DAY_MS);
@@ -137,11 +136,7 @@ function planConversion(facts: TableFacts, settings: PartitionConfig): Conversio
       );
     }
   }
-  // The same horizon as the sweep's (planPartitions in sweep/partitions.ts), so that the first
-  // sweep after the conversion finds the partitions it would have made.
-  const horizonDays =
-    settings.premakeDays ??
-    Math.max(PREMAKE_MARGIN_DAYS, Math.ceil(longestMs / DAY_MS) + PREMAKE_MARGIN_DAYS);
+  const horizonDays = premakeHorizonDays(settings.premakeDays, longestMs);
   // At least one daily partition: the sweep continues the grid of the newest bounded one.
   const days: number[] = [];
   let lower = bound;

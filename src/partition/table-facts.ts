@@ -1,4 +1,4 @@
-// What a plain token table looks like to partition convert (see partition-convert.ts): its
+// What a plain token table looks like to partition convert (see convert.ts): its
 // indexes, constraints, triggers, sequences and grants, read from the catalog with the
 // database clock, and every reason it cannot be converted safely. It also names what the
 // conversion creates, so that a run after an interrupted one recognises its own leftovers.

@@ -85,7 +85,19 @@ export interface PartitionSweep {
 const LOCK_NOT_AVAILABLE = '55P03';
 const DAY_MS = 86_400_000;
 /** A margin of days on top of the longest token lifetime stored, for the premake horizon. */
-const PREMAKE_MARGIN_DAYS = 7;
+export const PREMAKE_MARGIN_DAYS = 7;
+
+/**
+ * How many days of partitions to keep ahead of now(): PARTITION_PREMAKE_DAYS, or the longest
+ * token lifetime stored (the furthest expiry from now) plus a margin. The sweep and the
+ * conversion both use it, so the first sweep after a conversion finds what it would make.
+ */
+export function premakeHorizonDays(premakeDays: number | null, longestLifetimeMs: number) {
+  return (
+    premakeDays ??
+    Math.max(PREMAKE_MARGIN_DAYS, Math.ceil(longestLifetimeMs / DAY_MS) + PREMAKE_MARGIN_DAYS)
+  );
+}
 
 const partitionRow = z.object({
   schema: z.string(),
@@ -264,9 +276,7 @@ async function planPartitions(
              AS "longestMs"
     FROM ${relationIdentifier(shape.relation)}
   `);
-  const horizonDays =
-    config.premakeDays ??
-    Math.max(PREMAKE_MARGIN_DAYS, Math.ceil(clock.longestMs / DAY_MS) + PREMAKE_MARGIN_DAYS);
+  const horizonDays = premakeHorizonDays(config.premakeDays, clock.longestMs);
   const horizon = clock.now + horizonDays * DAY_MS;
 
   const ranged = partitions.filter(

@@ -42,11 +42,11 @@
 import { setTimeout as delay } from 'node:timers/promises';
 import type pg from 'pg';
 import type { DatabasePool } from 'slonik';
-import type { Config, PartitionConfig } from './config.js';
-import { createDatabasePool, createPlainClient } from './db.js';
-import { SchemaError } from './errors.js';
-import { acquireInstallLock, dropInvalidIndex } from './install.js';
-import { serializeError, type Logger } from './logger.js';
+import type { Config, PartitionConfig } from '../config.js';
+import { createDatabasePool, createPlainClient } from '../db.js';
+import { SchemaError } from '../errors.js';
+import { acquireInstallLock, dropInvalidIndex } from '../install.js';
+import { serializeError, type Logger } from '../logger.js';
 import {
   formatPlans,
   planConversions,
@@ -54,8 +54,8 @@ import {
   shortLockSettings,
   swapPreamble,
   type ConversionPlan,
-} from './partition/conversion-plan.js';
-import { describeTarget, qualifiedName } from './schema.js';
+} from './conversion-plan.js';
+import { describeTarget, qualifiedName } from '../schema.js';
 
 export interface ConvertOptions {
   config: Config;
