@@ -1,6 +1,9 @@
 -- token-reaper: target=refresh_tokens transaction=yes
 -- The revoke trigger's function. One function serves any table and channel: the trigger
--- passes the channel as TG_ARGV[0] and the name of the id column as TG_ARGV[1].
+-- passes the channel as TG_ARGV[0], the name of the id column as TG_ARGV[1], and the table's
+-- name as TG_ARGV[2]. On a partitioned table the trigger fires on the partition, whose own
+-- name the daemon may not know yet (one made since it started); the argument, cloned with
+-- the trigger into every partition, names the table the daemon was configured with.
 -- The payload carries the table, the row id and the database time of the revocation, and
 -- never the token or its hash. clock_timestamp() rather than now(): the latency the daemon
 -- reports should start at the UPDATE, not at the start of a long transaction.
@@ -10,7 +13,7 @@ BEGIN
   PERFORM pg_notify(
     TG_ARGV[0],
     json_build_object(
-      'table', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+      'table', coalesce(TG_ARGV[2], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME),
       'id', to_jsonb(NEW) -> TG_ARGV[1],
       'revoked_at', clock_timestamp()
     )::text

@@ -6,4 +6,6 @@ CREATE OR REPLACE TRIGGER token_reaper_notify_revoked
   ON :"refresh_tokens_schema".:"refresh_tokens_table"
   FOR EACH ROW
   WHEN (:refresh_tokens_revoked_condition)
-  EXECUTE FUNCTION token_reaper.notify_revoked(:'notify_channel', :'refresh_tokens_id_column');
+  EXECUTE FUNCTION token_reaper.notify_revoked(
+    :'notify_channel', :'refresh_tokens_id_column', :'refresh_tokens_qualified_name'
+  );

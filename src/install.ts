@@ -102,6 +102,7 @@ export function templateVariables(
     variables.set(`${prefix}_schema`, { identifier: shape.relation.schema });
     variables.set(`${prefix}_table`, { identifier: shape.relation.name });
     variables.set(`${prefix}_id_column`, { identifier: shape.idColumn });
+    variables.set(`${prefix}_qualified_name`, { literal: qualifiedName(shape.relation) });
     variables.set(`${prefix}_expires_at_column`, { identifier: shape.expiresAtColumn });
     variables.set(`${prefix}_expiry_index`, {
       identifier: indexName(shape.relation.name, shape.expiresAtColumn),

@@ -8,7 +8,7 @@ import { loadConfig } from '../src/config.js';
 import { createDatabasePool } from '../src/db.js';
 import { createSweeper, type SweepOutcome } from '../src/sweep/sweeper.js';
 import { createCapturingLogger } from './support/capture-logger.js';
-import { repositoryRoot, runCli } from './support/cli.js';
+import { repositoryRoot, runCli, spawnDaemon } from './support/cli.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
 import { allIds, liveIds } from './support/fixtures.js';
 
@@ -277,6 +277,39 @@ describe('partition-style expiry', () => {
       `SELECT (SELECT count(*) FROM kept.refresh_tokens_p${ymd(-1)}) + (SELECT count(*) FROM kept.refresh_tokens_p${ymd(-2)}) AS count`,
     );
     expect(Number(keptRows[0]!.count)).to.be.at.most(expiredBefore[0]!.count).and.greaterThan(0);
+  });
+
+  it('purges a revocation promptly in a partition made after the daemon started', async () => {
+    const table = 'prompt.refresh_tokens';
+    await createPartitionedTable(database.current, 'prompt', { fromDay: 0, toDay: 2 });
+    const environment = {
+      DATABASE_URL: database.url,
+      REFRESH_TOKENS_TABLE: table,
+      PASSWORD_RESETS_TABLE: 'none',
+    };
+    const install = await runCli(['install'], environment);
+    expect(install.code, install.stderr + install.stdout).to.equal(0);
+    const daemon = spawnDaemon(['start'], environment);
+    try {
+      await daemon.waitForLog('listener.caught_up');
+      // A day the daemon has never seen, as its next sweep or a conversion would make it.
+      await database.query(
+        `CREATE TABLE prompt.refresh_tokens_later PARTITION OF ${table}
+         FOR VALUES FROM (now() + interval '10 days') TO (now() + interval '11 days')`,
+      );
+      const [token] = await database.query(
+        `INSERT INTO ${table} (user_id, token_hash, expires_at)
+         VALUES (gen_random_uuid(), md5(random()::text), now() + interval '10 days 1 hour')
+         RETURNING id::text`,
+      );
+      await database.query(`UPDATE ${table} SET revoked = true WHERE id = $1`, [token!.id]);
+      const batch = await daemon.waitForLog((line) => line.event === 'purge.batch');
+      expect(batch).to.include({ table, deleted: 1 });
+      expect(daemon.logs.filter((line) => line.event === 'listener.bad_payload')).to.deep.equal([]);
+    } finally {
+      daemon.signal('SIGTERM');
+      await daemon.exited;
+    }
   });
 
   it('builds install’s indexes on a partitioned table online, one partition at a time', async () => {
