@@ -151,11 +151,32 @@ export function createSweeper({
     return { rows, batches, partitions: null };
   };
 
+  const logFinished = (outcome: SweepOutcome & { status: 'finished' }) => {
+    const wouldDelete = Object.values(outcome.tables).reduce(
+      (sum, table) => sum + (table.wouldDelete ?? 0),
+      0,
+    );
+    log.info(
+      'sweep.finished',
+      outcome.dryRun
+        ? `dry run finished: ${wouldDelete} rows would be deleted`
+        : `sweep ${outcome.interrupted ? 'interrupted' : 'finished'}: ${outcome.deleted} rows deleted in ${outcome.durationMs} ms`,
+      {
+        trigger: outcome.trigger,
+        deleted: outcome.deleted,
+        durationMs: outcome.durationMs,
+        tables: outcome.tables,
+        ...(outcome.dryRun ? { dryRun: true, wouldDelete } : {}),
+        ...(outcome.interrupted ? { interrupted: true } : {}),
+      },
+    );
+  };
+
   const run = async (trigger: SweepTrigger, dryRun: boolean): Promise<SweepOutcome> => {
     const started = performance.now();
     const elapsed = () => Math.round(performance.now() - started);
     try {
-      return await pool.connect(async (connection) => {
+      const outcome = await pool.connect(async (connection): Promise<SweepOutcome> => {
         // A dry run deletes nothing, so it needs no lock and never waits on another sweep.
         if (!dryRun) {
           const locked = await connection.oneFirst(sql.type(lockedRow)`
@@ -185,7 +206,7 @@ export function createSweeper({
               ...(result.partitions ? { partitions: result.partitions } : {}),
             };
           }
-          const outcome: SweepOutcome = {
+          const finished: SweepOutcome = {
             status: 'finished',
             trigger,
             dryRun,
@@ -194,25 +215,7 @@ export function createSweeper({
             durationMs: elapsed(),
             tables,
           };
-          const wouldDelete = Object.values(tables).reduce(
-            (sum, table) => sum + (table.wouldDelete ?? 0),
-            0,
-          );
-          log.info(
-            'sweep.finished',
-            dryRun
-              ? `dry run finished: ${wouldDelete} rows would be deleted`
-              : `sweep ${outcome.interrupted ? 'interrupted' : 'finished'}: ${deleted} rows deleted in ${outcome.durationMs} ms`,
-            {
-              trigger,
-              deleted,
-              durationMs: outcome.durationMs,
-              tables,
-              ...(dryRun ? { dryRun, wouldDelete } : {}),
-              ...(outcome.interrupted ? { interrupted: true } : {}),
-            },
-          );
-          return outcome;
+          return finished;
         } finally {
           if (!dryRun) {
             // If the connection is gone, so is its lock; nothing to report then.
@@ -224,6 +227,10 @@ export function createSweeper({
           }
         }
       });
+      // Logged once the lock and the connection are released: a request that reads this
+      // line and asks for another sweep gets a new one, not the tail of this one.
+      if (outcome.status === 'finished') logFinished(outcome);
+      return outcome;
     } catch (error) {
       const durationMs = elapsed();
       log.error('sweep.failed', 'sweep failed; the next sweep will try again', {
