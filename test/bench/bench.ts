@@ -1,0 +1,402 @@
+// `npm run bench [-- options]`: how fast token-reaper deletes, and what it costs the auth
+// service, measured against the alternatives on one PostgreSQL in one run. See --help, and
+// "How to delete fast without hurting the auth service" in DESIGN.md for the figures it checks.
+//
+// Progress goes to stderr; stdout carries only the result (markdown, or JSON with --json), so
+// `npm run bench -- --json > results.json` works.
+import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname, join, relative, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+
+import { killChildProcesses, repositoryRoot } from '../support/cli.js';
+
+import { describeMachine, provisionServer, type BenchServer } from './databases.js';
+import { measurePurgeLatency, type PurgeResult } from './purge-latency.js';
+import {
+  judgeGoals,
+  renderMarkdown,
+  summarizeScenario,
+  type BenchResults,
+  type ScenarioSummary,
+} from './report.js';
+import { runScenario, SCENARIOS, type ScenarioId, type ScenarioRun } from './scenarios.js';
+import {
+  buildTemplates,
+  DEFAULT_REVOKED_UNEXPIRED_SHARE,
+  type Template,
+  type Templates,
+} from './templates.js';
+
+const USAGE = `npm run bench -- [options]
+
+Measures, on TEST_DATABASE_URL (a superuser URL; databases are created and dropped there) or
+else on an embedded PostgreSQL started for the run:
+  sweep contenders: (a) one DELETE, (b) LIMIT batches, (c) token-reaper sweep, (c2) with
+  SWEEP_CONCURRENCY=2, (d) the sweep on daily partitions; each with an auth-like workload
+  beside it; then the daemon's purge latency and peak RSS.
+
+Options:
+  --rows N              rows in the table (default 2000000; --quick 20000), 52% of them dead
+  --revoked-unexpired P percent of the rows revoked but not expired, the rest of the dead
+                        expired (default 0.2: the purge deletes revoked tokens at once)
+  --runs N              alternating runs of each contender (default 3; --quick 1)
+  --purge-seconds N     seconds of each steady revocation rate (default 20; --quick 2)
+  --burst N             revocations in the one-UPDATE burst (default 100000; --quick 5000)
+  --at-rest-seconds N   the workload alone before each contender (default 3; --quick 1)
+  --workload-rate N     workload operations per second, all clients together (default 400)
+  --workload-clients N  workload connections (default 4)
+  --only LIST           comma-separated: ${[...SCENARIOS.map((scenario) => scenario.id), 'purge'].join(', ')}
+  --sweep-env K=V       an extra variable for every token-reaper sweep, to compare settings
+                        (e.g. SWEEP_BATCH_PAGES=250); repeatable. (c2) keeps SWEEP_CONCURRENCY=2
+  --daemon-env K=V      the same for the daemon of the purge measurement
+                        (e.g. PGOPTIONS='-c synchronous_commit=off')
+  --quick               small sizes, for CI: checks every scenario still runs
+  --json                print the JSON to stdout instead of the markdown table
+  --output PATH         where to write the JSON (default bench-results/bench-<timestamp>.json)
+  --help
+
+Exit code 1 only when a scenario crashes or a check finds a live row deleted or a dead row
+left; missed goals are reported, not failed.`;
+
+/** The steady revocation rates of the purge measurement, per second. */
+const PURGE_RATES = [1_000, 5_000];
+
+interface Options {
+  rows: number;
+  revokedUnexpiredShare: number;
+  runs: number;
+  purgeSeconds: number;
+  burst: number;
+  atRestSeconds: number;
+  workloadRate: number;
+  workloadClients: number;
+  only: ReadonlySet<ScenarioId | 'purge'>;
+  sweepEnvironment: Readonly<Record<string, string>>;
+  daemonEnvironment: Readonly<Record<string, string>>;
+  quick: boolean;
+  json: boolean;
+  output: string;
+}
+
+function parseOptions(argv: readonly string[]): Options | 'help' {
+  const { values } = parseArgs({
+    args: [...argv],
+    options: {
+      rows: { type: 'string' },
+      'revoked-unexpired': { type: 'string' },
+      runs: { type: 'string' },
+      'purge-seconds': { type: 'string' },
+      burst: { type: 'string' },
+      'at-rest-seconds': { type: 'string' },
+      'workload-rate': { type: 'string' },
+      'workload-clients': { type: 'string' },
+      only: { type: 'string' },
+      'sweep-env': { type: 'string', multiple: true },
+      'daemon-env': { type: 'string', multiple: true },
+      quick: { type: 'boolean' },
+      json: { type: 'boolean' },
+      output: { type: 'string' },
+      help: { type: 'boolean' },
+    },
+    strict: true,
+    allowPositionals: false,
+  });
+  if (values.help) return 'help';
+  const quick = values.quick === true;
+  const whole = (flag: string, value: string | undefined, fallback: number, minimum: number) => {
+    if (value === undefined) return fallback;
+    const number = Number(value.replaceAll('_', ''));
+    if (!Number.isInteger(number) || number < minimum) {
+      throw new Error(`--${flag} must be a whole number ≥ ${minimum}, not ${value}`);
+    }
+    return number;
+  };
+  const known = [...SCENARIOS.map((scenario) => scenario.id), 'purge'] as const;
+  const only = new Set<ScenarioId | 'purge'>(
+    values.only === undefined
+      ? known
+      : values.only.split(',').map((name) => {
+          const trimmed = name.trim();
+          if (!(known as readonly string[]).includes(trimmed)) {
+            throw new Error(`--only: unknown part ${trimmed}; use ${known.join(', ')}`);
+          }
+          return trimmed as ScenarioId | 'purge';
+        }),
+  );
+  const percentage = (flag: string, value: string | undefined, fallback: number) => {
+    if (value === undefined) return fallback;
+    const number = Number(value);
+    if (!Number.isFinite(number) || number < 0 || number > 50) {
+      throw new Error(`--${flag} must be a percentage from 0 to 50, not ${value}`);
+    }
+    return number / 100;
+  };
+  const environment = (flag: string, settings: readonly string[] = []) =>
+    Object.fromEntries(
+      settings.map((setting) => {
+        const match = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(setting);
+        if (!match) throw new Error(`--${flag} takes NAME=value, not ${setting}`);
+        return [match[1]!, match[2]!];
+      }),
+    );
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+  return {
+    rows: whole('rows', values.rows, quick ? 20_000 : 2_000_000, 1_000),
+    revokedUnexpiredShare: percentage(
+      'revoked-unexpired',
+      values['revoked-unexpired'],
+      DEFAULT_REVOKED_UNEXPIRED_SHARE,
+    ),
+    runs: whole('runs', values.runs, quick ? 1 : 3, 1),
+    purgeSeconds: whole('purge-seconds', values['purge-seconds'], quick ? 2 : 20, 1),
+    burst: whole('burst', values.burst, quick ? 5_000 : 100_000, 0),
+    atRestSeconds: whole('at-rest-seconds', values['at-rest-seconds'], quick ? 1 : 3, 1),
+    workloadRate: whole('workload-rate', values['workload-rate'], 400, 1),
+    workloadClients: whole('workload-clients', values['workload-clients'], 4, 1),
+    only,
+    sweepEnvironment: environment('sweep-env', values['sweep-env']),
+    daemonEnvironment: environment('daemon-env', values['daemon-env']),
+    quick,
+    json: values.json === true,
+    output: resolve(values.output ?? join(repositoryRoot, 'bench-results', `bench-${stamp}.json`)),
+  };
+}
+
+const started = performance.now();
+function progress(message: string) {
+  const seconds = ((performance.now() - started) / 1000).toFixed(1).padStart(6);
+  process.stderr.write(`[${seconds} s] ${message}\n`);
+}
+
+async function main(): Promise<number> {
+  let options: Options | 'help';
+  try {
+    options = parseOptions(process.argv.slice(2));
+  } catch (error) {
+    process.stderr.write(`bench: ${(error as Error).message}\n\n${USAGE}\n`);
+    return 2;
+  }
+  if (options === 'help') {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const startedAt = new Date().toISOString();
+  const loadAtStart = describeMachine().loadAverage;
+
+  const server = await provisionServer();
+  stopOnSignals(server);
+  progress(`PostgreSQL ${server.description.version} from ${server.description.source}`);
+  const summaries: ScenarioSummary[] = [];
+  let purge: PurgeResult | null = null;
+  let purgeError: string | null = null;
+  let templates: Templates | undefined;
+  const warnings: string[] = [];
+  try {
+    templates = await buildTemplates(server, options.rows, options.revokedUnexpiredShare, progress);
+
+    const selected = SCENARIOS.filter((scenario) => options.only.has(scenario.id));
+    const runs = new Map<ScenarioId, ScenarioRun[]>(selected.map((scenario) => [scenario.id, []]));
+    const errors = new Map<ScenarioId, string[]>(selected.map((scenario) => [scenario.id, []]));
+    // Alternating (a, b, c, c2, d, a, b, …), so a slow patch of the machine hits them all.
+    for (let run = 1; run <= options.runs; run += 1) {
+      for (const scenario of selected) {
+        progress(`run ${run}/${options.runs}: ${scenario.label}`);
+        try {
+          const result = await runScenario(server, templates, scenario, {
+            run,
+            sweepEnvironment: options.sweepEnvironment,
+            workloadClients: options.workloadClients,
+            workloadOperationsPerSecond: options.workloadRate,
+            atRestMs: options.atRestSeconds * 1000,
+          });
+          runs.get(scenario.id)!.push(result);
+          progress(
+            `  ${result.rowsDeleted.toLocaleString('en-US')} rows in ${Math.round(result.wallMs)} ms, ` +
+              `slowest transaction ${Math.round(result.slowestTransactionMs ?? 0)} ms, ` +
+              `WAL ${(result.walBytes / 1e6).toFixed(1)} MB (server ${(result.wal.totalBytes / 1e6).toFixed(1)} MB), ` +
+              `workload p99 ${result.workloadAtRest.p99Ms?.toFixed(1)} → ${result.workloadDuring.p99Ms?.toFixed(1)} ms`,
+          );
+        } catch (error) {
+          const message = describeError(error);
+          errors.get(scenario.id)!.push(message);
+          progress(`  failed: ${message}`);
+        }
+      }
+    }
+    for (const scenario of selected) {
+      summaries.push(
+        summarizeScenario(
+          scenario.id,
+          scenario.label,
+          runs.get(scenario.id)!,
+          errors.get(scenario.id)!,
+        ),
+      );
+    }
+
+    if (options.only.has('purge')) {
+      try {
+        purge = await measurePurgeLatency(server, templates.plain, {
+          phases: PURGE_RATES.map((rate) => ({
+            revocationsPerSecond: rate,
+            seconds: options.purgeSeconds,
+          })),
+          burstRevocations: options.burst,
+          daemonEnvironment: options.daemonEnvironment,
+          progress,
+        });
+      } catch (error) {
+        purgeError = describeError(error);
+        progress(`purge failed: ${purgeError}`);
+      }
+    }
+  } finally {
+    await server.dispose();
+  }
+
+  const machine = { ...describeMachine(), loadAverageAtStart: loadAtStart };
+  if (machine.loadAverageAtStart > machine.cores / 2) {
+    warnings.push(
+      `the machine was busy before the run began (load average ${machine.loadAverageAtStart.toFixed(1)} on ${machine.cores} cores): other processes compete for the CPU, expect noisy figures`,
+    );
+  }
+  const failed = collectProblems(summaries, purge, purgeError, warnings);
+  const results: BenchResults = {
+    startedAt,
+    durationMs: Math.round(performance.now() - started),
+    command: [
+      'npm run bench',
+      ...(process.argv.length > 2 ? ['--', ...process.argv.slice(2)] : []),
+    ].join(' '),
+    options: { ...options, only: [...options.only] },
+    machine,
+    server: server.description,
+    data:
+      templates === undefined
+        ? null
+        : {
+            plain: withoutDatabase(templates.plain),
+            partitioned: withoutDatabase(templates.partitioned),
+          },
+    scenarios: summaries,
+    purge,
+    purgeError,
+    goals: judgeGoals(summaries, purge),
+    warnings,
+    failed,
+  };
+
+  await mkdir(dirname(options.output), { recursive: true });
+  await writeFile(options.output, `${JSON.stringify(results, null, 2)}\n`);
+  const shownPath = relative(process.cwd(), options.output) || options.output;
+  if (options.json) {
+    process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
+    process.stderr.write(`JSON: ${shownPath}\n`);
+  } else {
+    process.stdout.write(renderMarkdown(results, shownPath));
+  }
+  progress(failed ? 'done, with failures (see Warnings)' : 'done');
+  return failed ? 1 : 0;
+}
+
+/**
+ * Adds a warning for everything worth a reader's attention, and returns whether the run failed:
+ * a crash, or a check that found a live row deleted or a dead row left.
+ */
+function collectProblems(
+  summaries: readonly ScenarioSummary[],
+  purge: PurgeResult | null,
+  purgeError: string | null,
+  warnings: string[],
+): boolean {
+  let failed = purgeError !== null;
+  const walNotes = new Set(
+    summaries.flatMap((summary) => summary.runs.map((run) => run.wal.note)).filter(Boolean),
+  );
+  for (const note of walNotes) {
+    warnings.push(`WAL: ${note}; the WAL figures there include the workload's and the server's`);
+  }
+  for (const summary of summaries) {
+    for (const error of summary.errors) {
+      failed = true;
+      warnings.push(`${summary.label} crashed: ${error.split('\n')[0]}`);
+    }
+    for (const run of summary.runs) {
+      const where = `${summary.label}, run ${run.run}`;
+      if (run.check.deadRowsLeft > 0 || run.check.liveRowsDeleted !== 0) {
+        failed = true;
+        warnings.push(
+          `${where}: CORRECTNESS: ${run.check.deadRowsLeft} rows dead before the run are left, ` +
+            `${run.check.liveRowsDeleted} live rows were deleted`,
+        );
+      }
+      const otherBytes = run.wal.otherBytes ?? 0;
+      if (otherBytes > Math.max(1e6, 0.02 * run.wal.totalBytes)) {
+        warnings.push(
+          `${where}: the server was not idle: ${(otherBytes / 1e6).toFixed(1)} MB of WAL came from other databases (not counted in its WAL figure)`,
+        );
+      }
+      const failedOperations = run.workloadAtRest.failed + run.workloadDuring.failed;
+      if (failedOperations > 0) {
+        warnings.push(`${where}: ${failedOperations} workload operations failed`);
+      }
+    }
+  }
+  if (purge !== null) {
+    if (purge.unrevokedRowsDeleted > 0) {
+      failed = true;
+      warnings.push(
+        `purge: CORRECTNESS: ${purge.unrevokedRowsDeleted} rows nobody revoked were deleted`,
+      );
+    }
+    for (const phase of [...purge.phases, ...(purge.burst === null ? [] : [purge.burst])]) {
+      if (phase.notDeleted > 0) {
+        failed = true;
+        warnings.push(`purge: CORRECTNESS: ${phase.notDeleted} revoked rows were never deleted`);
+      }
+    }
+    for (const phase of purge.phases) {
+      const achieved = phase.achievedRevocationsPerSecond ?? 0;
+      if (achieved < 0.9 * phase.targetRevocationsPerSecond) {
+        warnings.push(
+          `purge: the revoking connections reached only ${Math.round(achieved)} of ${phase.targetRevocationsPerSecond} revocations/s`,
+        );
+      }
+    }
+    if (purge.daemonExitCode !== 0) {
+      failed = true;
+      warnings.push(`purge: token-reaper start exited with ${purge.daemonExitCode} after SIGTERM`);
+    }
+  }
+  return failed;
+}
+
+function withoutDatabase(template: Template): Omit<Template, 'database'> {
+  return Object.fromEntries(Object.entries(template).filter(([key]) => key !== 'database')) as Omit<
+    Template,
+    'database'
+  >;
+}
+
+function describeError(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** Ctrl-C: stop the children, drop every database made so far, then exit. */
+function stopOnSignals(server: BenchServer) {
+  const stop = (signal: NodeJS.Signals, code: number) => {
+    process.stderr.write(`\nbench: ${signal}, cleaning up\n`);
+    void killChildProcesses()
+      .then(() => server.dispose())
+      .finally(() => process.exit(code));
+  };
+  process.once('SIGINT', () => stop('SIGINT', 130));
+  process.once('SIGTERM', () => stop('SIGTERM', 143));
+}
+
+process.exitCode = await main().catch((error: unknown) => {
+  process.stderr.write(
+    `bench: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`,
+  );
+  return 1;
+});
