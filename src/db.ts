@@ -19,7 +19,7 @@ export async function createDatabasePool(
   logger: Logger,
   options: PoolOptions,
 ): Promise<DatabasePool> {
-  const pool = await createPool(withApplicationName(config.databaseUrl), {
+  const pool = await createPool(withAsynchronousCommit(withApplicationName(config.databaseUrl)), {
     maximumPoolSize: options.maximumPoolSize,
     statementTimeout: config.statementTimeoutMs,
     connectionTimeout: 10_000,
@@ -60,6 +60,20 @@ export function listenerConnectionConfig(config: Pick<Config, 'databaseUrl'>): p
     keepAlive: true,
     keepAliveInitialDelayMillis: 10_000,
   };
+}
+
+/**
+ * The daemon's deletes commit without waiting for the WAL flush. Each sweep batch writes a few
+ * megabytes of WAL, mostly full-page images, and with synchronous commit the auth service's own
+ * commits queue behind those flushes (the benchmark measured its p99 at 2.7× its rest during a
+ * sweep, 1.9× without). It is safe here: a delete lost in a crash leaves a dead row, which the
+ * next catch-up or sweep deletes again; nothing the auth service wrote is touched.
+ */
+function withAsynchronousCommit(databaseUrl: string) {
+  const url = new URL(databaseUrl);
+  const options = url.searchParams.get('options');
+  url.searchParams.set('options', `${options ? `${options} ` : ''}-c synchronous_commit=off`);
+  return url.toString();
 }
 
 function withApplicationName(databaseUrl: string, name = APPLICATION_NAME) {

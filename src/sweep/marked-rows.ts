@@ -10,6 +10,10 @@
 // same ctid names a row in every partition. The predicate is checked again by the DELETE, so
 // a row restored since the SELECT stays. A TID scan visits its list in sorted order, so this
 // locks rows in physical order, like the sweep's TID-range batches: the two cannot deadlock.
+// The re-check is wrapped in coalesce(…, false), which means the same, so that the planner
+// cannot match it to the partial index: right after a burst, statistics still say almost
+// nothing is revoked, and it would scan the whole partial index for every batch instead of
+// visiting the listed TIDs (measured: 100,000 revoked rows in 36 s instead of 1.6 s).
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { retryOnDeadlock } from '../db.js';
@@ -52,7 +56,7 @@ export async function deleteMarkedRows(
       pool.query(sql.unsafe`
       DELETE FROM ${table}
       WHERE ctid = ANY(ARRAY(SELECT ctid FROM ${table} WHERE ${marked} LIMIT ${MARKED_ROWS_BATCH}))
-        AND ${marked}
+        AND coalesce(${marked}, false)
     `),
     );
     options.onBatch?.(result.rowCount);
