@@ -1,72 +1,16 @@
 // Partition-style expiry on a real PostgreSQL, on the table sql/schemas/ ships for new
 // deployments: expired days go whole, what stays is cleaned, days are made ahead, and a lock
 // held by an auth transaction makes a drop give up instead of queueing the auth traffic.
-import { readFile } from 'node:fs/promises';
 import { expect } from 'chai';
-import type pg from 'pg';
 import { loadConfig } from '../src/config.js';
 import { createDatabasePool } from '../src/db.js';
 import { createSweeper, type SweepOutcome } from '../src/sweep/sweeper.js';
 import { createCapturingLogger } from './support/capture-logger.js';
-import { repositoryRoot, runCli, spawnDaemon } from './support/cli.js';
+import { runCli, spawnDaemon } from './support/cli.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
-import { allIds, liveIds } from './support/fixtures.js';
+import { allIds, createPartitionedTable, insertSpreadRows, liveIds } from './support/fixtures.js';
 
 const DAY_MS = 86_400_000;
-
-/** The shipped partitioned table in `schema`, with a partition for every day in [from, to). */
-async function createPartitionedTable(
-  database: TestDatabase,
-  schema: string,
-  options: { fromDay: number; toDay: number; withDefault?: boolean },
-) {
-  const file = await readFile(
-    `${repositoryRoot}sql/schemas/refresh-tokens-partitioned.sql`,
-    'utf8',
-  );
-  const client: pg.PoolClient = await database.pool.connect();
-  try {
-    await client.query(`CREATE SCHEMA ${schema}`);
-    await client.query(`SET search_path TO ${schema}`);
-    await client.query(file);
-    await client.query(`
-      DO $$
-      DECLARE
-        today timestamptz := date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
-        day timestamptz;
-      BEGIN
-        FOR offset_days IN ${options.fromDay}..${options.toDay - 1} LOOP
-          CONTINUE WHEN offset_days = 0;
-          day := today + offset_days * interval '1 day';
-          EXECUTE format('CREATE TABLE %I PARTITION OF refresh_tokens FOR VALUES FROM (%L) TO (%L)',
-            'refresh_tokens_p' || to_char(day AT TIME ZONE 'UTC', 'YYYYMMDD'), day, day + interval '1 day');
-        END LOOP;
-      END $$`);
-    if (options.withDefault) {
-      await client.query(`CREATE TABLE refresh_tokens_default PARTITION OF refresh_tokens DEFAULT`);
-    }
-  } finally {
-    await client.query('RESET search_path');
-    client.release();
-  }
-}
-
-/** Rows spread over (now - pastDays, now + futureDays), an hour clear of now, 20% revoked. */
-async function insertSpread(
-  database: TestDatabase,
-  table: string,
-  options: { rows: number; pastDays: number; futureDays: number },
-) {
-  await database.query(
-    `INSERT INTO ${table} (user_id, token_hash, revoked, expires_at)
-     SELECT gen_random_uuid(), md5(random()::text || i), random() < 0.2,
-            now() + CASE WHEN random() < 0.5
-                         THEN -(interval '1 hour' + random() * ($2 * interval '1 day' - interval '2 hours'))
-                         ELSE interval '1 hour' + random() * ($3 * interval '1 day' - interval '2 hours') END
-     FROM generate_series(1, $1::int) i`,
-    [options.rows, options.pastDays, options.futureDays],
-  );
-}
 
 async function partitionsOf(database: TestDatabase, table: string) {
   const rows = await database.query(
@@ -121,7 +65,7 @@ describe('partition-style expiry', () => {
     const table = 'daily.refresh_tokens';
     await createPartitionedTable(database.current, 'daily', { fromDay: -40, toDay: 20 });
     // Day 19 ends at midnight, so rows reach 19 days ahead: the partitions hold them all.
-    await insertSpread(database.current, table, { rows: 30_000, pastDays: 40, futureDays: 19 });
+    await insertSpreadRows(database.current, table, { rows: 30_000, pastDays: 40, futureDays: 19 });
     const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
     const before = await partitionsOf(database.current, table);
     expect(before).to.have.length(60);
@@ -155,7 +99,7 @@ describe('partition-style expiry', () => {
   it('lists what it would drop in a dry run, and changes nothing', async () => {
     const table = 'dry.refresh_tokens';
     await createPartitionedTable(database.current, 'dry', { fromDay: -3, toDay: 3 });
-    await insertSpread(database.current, table, { rows: 2_000, pastDays: 3, futureDays: 2 });
+    await insertSpreadRows(database.current, table, { rows: 2_000, pastDays: 3, futureDays: 2 });
     const before = await partitionsOf(database.current, table);
     const rows = await allIds(database.current, { table });
     const { sweeper } = await sweeperFor({ REFRESH_TOKENS_TABLE: table });
@@ -174,7 +118,7 @@ describe('partition-style expiry', () => {
     this.timeout(60_000);
     const table = 'locked.refresh_tokens';
     await createPartitionedTable(database.current, 'locked', { fromDay: -3, toDay: 30 });
-    await insertSpread(database.current, table, { rows: 2_000, pastDays: 3, futureDays: 20 });
+    await insertSpreadRows(database.current, table, { rows: 2_000, pastDays: 3, futureDays: 20 });
     const lockTimeoutMs = 200;
     const { sweeper, logs } = await sweeperFor({
       REFRESH_TOKENS_TABLE: table,
@@ -237,7 +181,7 @@ describe('partition-style expiry', () => {
       toDay: 2,
       withDefault: true,
     });
-    await insertSpread(database.current, table, { rows: 3_000, pastDays: 5, futureDays: 5 });
+    await insertSpreadRows(database.current, table, { rows: 3_000, pastDays: 5, futureDays: 5 });
     const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
     const inDefault = await database.query(
       `SELECT count(*)::int AS count FROM fallback.refresh_tokens_default WHERE expires_at < now()`,
@@ -257,7 +201,7 @@ describe('partition-style expiry', () => {
   it('detaches instead of dropping when configured, keeping the expired days as tables', async () => {
     const table = 'kept.refresh_tokens';
     await createPartitionedTable(database.current, 'kept', { fromDay: -2, toDay: 10 });
-    await insertSpread(database.current, table, { rows: 1_000, pastDays: 2, futureDays: 5 });
+    await insertSpreadRows(database.current, table, { rows: 1_000, pastDays: 2, futureDays: 5 });
     const expiredBefore = await database.query(
       `SELECT count(*)::int AS count FROM ${table} WHERE expires_at < now()`,
     );

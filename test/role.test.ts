@@ -7,11 +7,9 @@
 // block drops its roles afterwards (with what they own or were granted, when a failure kept
 // the block's database).
 import { randomBytes } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
 import { expect } from 'chai';
 import pg from 'pg';
 import {
-  repositoryRoot,
   runCli,
   spawnDaemon,
   waitFor,
@@ -25,7 +23,13 @@ import {
   type TestDatabase,
   type TestDatabaseHandle,
 } from './support/database.js';
-import { createReferenceSchema, deadCount, insertRandomRows } from './support/fixtures.js';
+import {
+  createPartitionedTable,
+  createReferenceSchema,
+  deadCount,
+  insertRandomRows,
+  insertSpreadRows,
+} from './support/fixtures.js';
 
 const PASSWORD = 'token-reaper-role-test';
 const PERMISSION_DENIED = '42501';
@@ -499,8 +503,8 @@ describe('install --role', () => {
       // The auth service's own role owns the schema, the table and its partitions.
       await database.query(`CREATE ROLE ${pg.escapeIdentifier(owner)} NOLOGIN`);
       await database.query(`CREATE SCHEMA auth AUTHORIZATION ${pg.escapeIdentifier(owner)}`);
-      await createPartitionedTable(database.current, 'auth', owner, { fromDay: -5, toDay: 4 });
-      await insertSpread(database, table, { rows: 5_000, pastDays: 5, futureDays: 3 });
+      await createPartitionedTable(database.current, 'auth', { owner, fromDay: -5, toDay: 4 });
+      await insertSpreadRows(database, table, { rows: 5_000, pastDays: 5, futureDays: 3 });
       environment = { REFRESH_TOKENS_TABLE: table, PASSWORD_RESETS_TABLE: 'none' };
       install = succeeded(
         await runCli(['install', '--role', role], { ...environment, DATABASE_URL: database.url }),
@@ -646,10 +650,7 @@ describe('install --role', () => {
     });
 
     it('refuses when a superuser owns the table, before changing anything', async () => {
-      await createPartitionedTable(database.current, 'superuser_owned', null, {
-        fromDay: -1,
-        toDay: 2,
-      });
+      await createPartitionedTable(database.current, 'superuser_owned', { fromDay: -1, toDay: 2 });
       const other = roleName('refused');
       const result = await runCli(['install', '--role', other], {
         ...environment,
@@ -694,66 +695,6 @@ interface PartitionReport {
   partitionsDropped: number;
   partitionsCreated: string[];
   partitionsSkipped: string[];
-}
-
-/**
- * The shipped partitioned table in `schema`, with a partition for every UTC day in
- * [from, to), created by `owner` (null: the superuser), as the auth service's migrations would.
- */
-async function createPartitionedTable(
-  database: TestDatabase,
-  schema: string,
-  owner: string | null,
-  options: { fromDay: number; toDay: number },
-) {
-  const file = await readFile(
-    `${repositoryRoot}sql/schemas/refresh-tokens-partitioned.sql`,
-    'utf8',
-  );
-  const client = await database.pool.connect();
-  try {
-    await client.query('BEGIN');
-    if (owner === null) await client.query(`CREATE SCHEMA ${pg.escapeIdentifier(schema)}`);
-    else await client.query(`SET LOCAL ROLE ${pg.escapeIdentifier(owner)}`);
-    await client.query(`SET LOCAL search_path TO ${pg.escapeIdentifier(schema)}`);
-    await client.query(file);
-    await client.query(`
-      DO $$
-      DECLARE
-        today timestamptz := date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
-        day timestamptz;
-      BEGIN
-        FOR offset_days IN ${options.fromDay}..${options.toDay - 1} LOOP
-          CONTINUE WHEN offset_days = 0;
-          day := today + offset_days * interval '1 day';
-          EXECUTE format('CREATE TABLE %I PARTITION OF refresh_tokens FOR VALUES FROM (%L) TO (%L)',
-            'refresh_tokens_p' || to_char(day AT TIME ZONE 'UTC', 'YYYYMMDD'), day, day + interval '1 day');
-        END LOOP;
-      END $$`);
-    await client.query('COMMIT');
-  } catch (error) {
-    await client.query('ROLLBACK');
-    throw error;
-  } finally {
-    client.release();
-  }
-}
-
-/** Rows spread over (now - pastDays, now + futureDays), an hour clear of now, 20% revoked. */
-async function insertSpread(
-  database: TestDatabaseHandle,
-  table: string,
-  options: { rows: number; pastDays: number; futureDays: number },
-) {
-  await database.query(
-    `INSERT INTO ${table} (user_id, token_hash, revoked, expires_at)
-     SELECT gen_random_uuid(), md5(random()::text || i), random() < 0.2,
-            now() + CASE WHEN random() < 0.5
-                         THEN -(interval '1 hour' + random() * ($2 * interval '1 day' - interval '2 hours'))
-                         ELSE interval '1 hour' + random() * ($3 * interval '1 day' - interval '2 hours') END
-     FROM generate_series(1, $1::int) i`,
-    [options.rows, options.pastDays, options.futureDays],
-  );
 }
 
 async function partitionsOf(database: TestDatabase, table: string) {

@@ -6,6 +6,7 @@
 // before the insert, so dead rows sit on every page of the heap as they do in production, where
 // a batch-by-page sweep has to find them.
 
+import { readFile } from 'node:fs/promises';
 import pg from 'pg';
 
 import type { TestDatabase } from './database.js';
@@ -370,4 +371,89 @@ async function withClient<T>(
   } finally {
     client.release();
   }
+}
+
+export interface PartitionedTableOptions {
+  /** Days from today (UTC) of the first partition and just past the last; today is always made. */
+  readonly fromDay: number;
+  readonly toDay: number;
+  /** Also a DEFAULT partition. */
+  readonly withDefault?: boolean;
+  /**
+   * Create the table as this role, in `schema`, which must exist and let it create there.
+   * Without it the schema is created, and the table belongs to the test's superuser.
+   */
+  readonly owner?: string;
+}
+
+/**
+ * The refresh-tokens table sql/schemas/ ships for new deployments (daily partitions by
+ * expiry, with today's), in `schema`, with a partition for each further day in
+ * [fromDay, toDay), named as token-reaper names the ones it makes.
+ */
+export async function createPartitionedTable(
+  database: DatabaseTarget,
+  schema: string,
+  options: PartitionedTableOptions,
+): Promise<void> {
+  const file = await readFile(
+    new URL('../../sql/schemas/refresh-tokens-partitioned.sql', import.meta.url),
+    'utf8',
+  );
+  await withClient(database, async (client) => {
+    await client.query('BEGIN');
+    try {
+      if (options.owner === undefined) {
+        await client.query(`CREATE SCHEMA ${pg.escapeIdentifier(schema)}`);
+      } else {
+        await client.query(`SET LOCAL ROLE ${pg.escapeIdentifier(options.owner)}`);
+      }
+      await client.query(`SET LOCAL search_path TO ${pg.escapeIdentifier(schema)}`);
+      await client.query(file);
+      await client.query(`
+        DO $$
+        DECLARE
+          today timestamptz := date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+          day timestamptz;
+        BEGIN
+          FOR offset_days IN ${options.fromDay}..${options.toDay - 1} LOOP
+            CONTINUE WHEN offset_days = 0;
+            day := today + offset_days * interval '1 day';
+            EXECUTE format('CREATE TABLE %I PARTITION OF refresh_tokens FOR VALUES FROM (%L) TO (%L)',
+              'refresh_tokens_p' || to_char(day AT TIME ZONE 'UTC', 'YYYYMMDD'), day, day + interval '1 day');
+          END LOOP;
+        END $$`);
+      if (options.withDefault) {
+        await client.query(
+          `CREATE TABLE refresh_tokens_default PARTITION OF refresh_tokens DEFAULT`,
+        );
+      }
+      await client.query('COMMIT');
+    } catch (error) {
+      await client.query('ROLLBACK');
+      throw error;
+    }
+  });
+}
+
+/**
+ * `rows` tokens spread over (now - pastDays, now + futureDays), each an hour clear of now so
+ * that none changes state during a test, 20% of them revoked: rows for every day partition.
+ */
+export async function insertSpreadRows(
+  database: DatabaseTarget,
+  table: string,
+  options: { rows: number; pastDays: number; futureDays: number },
+): Promise<void> {
+  await withClient(database, (client) =>
+    client.query(
+      `INSERT INTO ${quoteTable(table)} (user_id, token_hash, revoked, expires_at)
+       SELECT gen_random_uuid(), md5(random()::text || i), random() < 0.2,
+              now() + CASE WHEN random() < 0.5
+                           THEN -(interval '1 hour' + random() * ($2 * interval '1 day' - interval '2 hours'))
+                           ELSE interval '1 hour' + random() * ($3 * interval '1 day' - interval '2 hours') END
+       FROM generate_series(1, $1::int) i`,
+      [options.rows, options.pastDays, options.futureDays],
+    ),
+  );
 }
