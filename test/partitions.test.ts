@@ -8,7 +8,13 @@ import { createSweeper, type SweepOutcome } from '../src/sweep/sweeper.js';
 import { createCapturingLogger } from './support/capture-logger.js';
 import { runCli, spawnDaemon } from './support/cli.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
-import { allIds, createPartitionedTable, insertSpreadRows, liveIds } from './support/fixtures.js';
+import {
+  allIds,
+  createPartitionedTable,
+  dayOffset,
+  insertSpreadRows,
+  liveIds,
+} from './support/fixtures.js';
 
 const DAY_MS = 86_400_000;
 
@@ -20,15 +26,6 @@ async function partitionsOf(database: TestDatabase, table: string) {
     [table],
   );
   return rows as { name: string; bound: string }[];
-}
-
-/** The UTC day of a partition named refresh_tokens_pYYYYMMDD, in days from today. */
-function dayOffset(name: string) {
-  const match = /_p(\d{4})(\d{2})(\d{2})$/.exec(name);
-  if (!match) return null;
-  const day = Date.UTC(Number(match[1]), Number(match[2]) - 1, Number(match[3]));
-  const today = Math.floor(Date.now() / DAY_MS) * DAY_MS;
-  return Math.round((day - today) / DAY_MS);
 }
 
 describe('partition-style expiry', () => {

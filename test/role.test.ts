@@ -26,6 +26,7 @@ import {
 import {
   createPartitionedTable,
   createReferenceSchema,
+  dayOffset,
   deadCount,
   insertRandomRows,
   insertSpreadRows,
@@ -33,7 +34,6 @@ import {
 
 const PASSWORD = 'token-reaper-role-test';
 const PERMISSION_DENIED = '42501';
-const DAY_MS = 86_400_000;
 
 /**
  * Call inside a `describe`, after useTestDatabase: returns a function that makes a role name
@@ -704,13 +704,4 @@ async function partitionsOf(database: TestDatabase, table: string) {
     [table],
   );
   return rows.map((row) => row.name);
-}
-
-/** The UTC day of a partition named refresh_tokens_pYYYYMMDD, in days from today. */
-function dayOffset(name: string) {
-  const match = /_p(\d{4})(\d{2})(\d{2})$/.exec(name);
-  if (!match) return null;
-  const day = Date.UTC(Number(match[1]), Number(match[2]) - 1, Number(match[3]));
-  const today = Math.floor(Date.now() / DAY_MS) * DAY_MS;
-  return Math.round((day - today) / DAY_MS);
 }

@@ -152,16 +152,9 @@ export async function createTestDatabase(label: string): Promise<TestDatabase> {
 }
 
 /** What useTestDatabase returns: the block's database, once its `before` hook has run. */
-export interface TestDatabaseHandle {
+export type TestDatabaseHandle = Pick<TestDatabase, 'name' | 'url' | 'pool' | 'query'> & {
   readonly current: TestDatabase;
-  readonly name: string;
-  readonly url: string;
-  readonly pool: pg.Pool;
-  query<Row extends pg.QueryResultRow = pg.QueryResultRow>(
-    text: string,
-    parameters?: readonly unknown[],
-  ): Promise<Row[]>;
-}
+};
 
 /**
  * Call inside a `describe`: creates one database for the block in a `before` hook and drops it in

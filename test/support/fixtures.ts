@@ -457,3 +457,14 @@ export async function insertSpreadRows(
     ),
   );
 }
+
+const DAY_MS = 86_400_000;
+
+/** The UTC day of a partition named <table>_pYYYYMMDD, in days from today; null for others. */
+export function dayOffset(name: string): number | null {
+  const match = /_p(\d{4})(\d{2})(\d{2})$/.exec(name);
+  if (!match) return null;
+  const day = Date.UTC(Number(match[1]), Number(match[2]) - 1, Number(match[3]));
+  const today = Math.floor(Date.now() / DAY_MS) * DAY_MS;
+  return Math.round((day - today) / DAY_MS);
+}
