@@ -1,5 +1,5 @@
--- token-reaper: target=refresh_tokens transaction=yes
--- When revocation times must be kept (REFRESH_TOKEN_REVOKED_GRACE above 0) and the table
+-- token-reaper: target=all transaction=yes
+-- When revocation times must be kept (a grace on a marker, REFRESH_TOKEN_REVOKED_GRACE) and the table
 -- marks a revoked token with a boolean, which carries no time, this is where the time is
 -- kept: from the trigger's NOTIFY, or when the daemon first finds the row revoked. It lives
 -- in the database, so a restart of the daemon does not restart anyone's grace. The columns

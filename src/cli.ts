@@ -12,6 +12,7 @@ import { createDaemon } from './daemon.js';
 import { createDatabasePool, createPlainClient } from './db.js';
 import { ConfigurationError } from './errors.js';
 import type { ReaperEvents, SweepProgressEvent } from './events.js';
+import { explainTargets, formatExplanation } from './explain.js';
 import {
   applyInstallPlan,
   buildInstallPlan,
@@ -35,27 +36,34 @@ Commands:
   install [--print] [--role NAME]
                      apply the SQL objects (idempotent); --print writes the SQL, changes
                      nothing; --role also creates a role with just the rights the daemon needs
+  explain [--json]   show each target's rule as the SQL that will run, how its time columns
+                     are read, what is installed and how many rows would go now
   partition convert [--print]
                      turn the plain refresh-tokens table into one partitioned by day of
                      expiry, online and without copying; --print shows the plan
   --help, --version
 
+Every command takes --config PATH: a JSON file of targets (also TOKEN_REAPER_CONFIG).
 Configuration comes from the environment; the README lists every variable.
 DATABASE_URL (or the PG* variables) names the auth database's primary.`;
 
 /** A graceful stop that has not finished by then is forced; the contract promises 10 s. */
 const GRACEFUL_STOP_LIMIT_MS = 9_000;
 
-type Command = 'start' | 'sweep' | 'install' | 'partition convert';
+type Command = 'start' | 'sweep' | 'install' | 'explain' | 'partition convert';
 
 /** Flag values as parseArgs returns them: a boolean, or a string for a flag that takes one. */
 type Flags = Record<string, boolean | string | undefined>;
 
+/** --config, which every command takes. */
+const COMMON_FLAGS = { config: { type: 'string' } } as const;
+
 const FLAGS: Record<Command, Record<string, { type: 'boolean' | 'string' }>> = {
-  start: {},
-  sweep: { 'dry-run': { type: 'boolean' } },
-  install: { print: { type: 'boolean' }, role: { type: 'string' } },
-  'partition convert': { print: { type: 'boolean' } },
+  start: { ...COMMON_FLAGS },
+  sweep: { ...COMMON_FLAGS, 'dry-run': { type: 'boolean' } },
+  install: { ...COMMON_FLAGS, print: { type: 'boolean' }, role: { type: 'string' } },
+  explain: { ...COMMON_FLAGS, json: { type: 'boolean' } },
+  'partition convert': { ...COMMON_FLAGS, print: { type: 'boolean' } },
 };
 
 export async function main(argv: readonly string[], environment = process.env): Promise<void> {
@@ -66,7 +74,8 @@ export async function main(argv: readonly string[], environment = process.env): 
     if (parsed === 'help') return print(USAGE);
     if (parsed === 'version') return print(VERSION);
     invocation = parsed;
-    config = loadConfig(environment);
+    const configPath = invocation.flags.config;
+    config = loadConfig(environment, typeof configPath === 'string' ? { configPath } : {});
   } catch (error) {
     return exitWithError(error);
   }
@@ -216,6 +225,21 @@ const COMMANDS: Record<
     return 0;
   },
 
+  async explain(config, logger, flags) {
+    const pool = await createDatabasePool(config, logger, { maximumPoolSize: 1 });
+    try {
+      const explanation = await explainTargets(pool, config);
+      process.stdout.write(
+        flags.json === true
+          ? `${JSON.stringify(explanation, null, 2)}\n`
+          : formatExplanation(explanation),
+      );
+      return explanation.problems.length > 0 ? 2 : 0;
+    } finally {
+      await pool.end();
+    }
+  },
+
   'partition convert': (config, logger, flags) =>
     convertToPartitioned({ config, logger, print: flags.print === true }),
 };
@@ -232,7 +256,7 @@ function parseInvocation(argv: readonly string[]) {
       : [first, rest];
   if (!(name in FLAGS)) {
     throw new ConfigurationError([
-      `unknown command ${JSON.stringify([first, ...(first === 'partition' ? rest.slice(0, 1) : [])].join(' '))}. Use start, sweep, install or partition convert; run token-reaper --help for usage.`,
+      `unknown command ${JSON.stringify([first, ...(first === 'partition' ? rest.slice(0, 1) : [])].join(' '))}. Use start, sweep, install, explain or partition convert; run token-reaper --help for usage.`,
     ]);
   }
   const command = name as Command;

@@ -4,34 +4,17 @@
 import { userInfo } from 'node:os';
 import cron from 'node-cron';
 import { parseDsn } from 'slonik';
+import { readFileSync } from 'node:fs';
 import { ConfigurationError } from './errors.js';
 import { redactUrl } from './redact.js';
+import { readTargetFile } from './targets/config-file.js';
+import { readEnvironmentTargets, TARGET_VARIABLES } from './targets/environment.js';
+import type { QualifiedName, TargetRule } from './targets/rule.js';
+
+export type { QualifiedName, TargetRule } from './targets/rule.js';
 
 export const LOG_LEVELS = ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
-
-/** A table name as configured: `table` or `schema.table`, each part used exactly as written. */
-export interface QualifiedName {
-  readonly schema: string | null;
-  readonly name: string;
-}
-
-export type TargetKind = 'refresh_tokens' | 'password_resets';
-
-/**
- * A table to clean. `markColumn` is the column that marks a row dead besides its expiry:
- * `revoked`/`revoked_at` for refresh tokens, `used`/`used_at` for password resets. When it
- * is null the schema introspection picks whichever of the two candidates exists.
- */
-export interface TargetConfig {
-  readonly kind: TargetKind;
-  readonly table: QualifiedName;
-  readonly idColumn: string;
-  readonly markColumn: string | null;
-  readonly expiresAtColumn: string;
-  /** How long a marked row is kept before it may be deleted; 0 for password resets. */
-  readonly revokedGraceSeconds: number;
-}
 
 export interface PartitionConfig {
   /** What to do with a partition whose every row has expired. */
@@ -65,15 +48,20 @@ export interface MetricsConfig {
 export interface Config {
   readonly databaseUrl: string;
   readonly notifyChannel: string;
-  readonly refreshTokens: TargetConfig;
-  /** null when PASSWORD_RESETS_TABLE=none. */
-  readonly passwordResets: TargetConfig | null;
-  readonly sweep: SweepConfig;
   /**
-   * How long a revoked token is kept before either path deletes it (RFC 9700 §4.14.2: the
-   * auth service can still recognise a replayed rotated token). 0 deletes at once.
+   * What to clean: the file's targets (--config or TOKEN_REAPER_CONFIG), else the two default
+   * targets the table variables describe (password resets left out with PASSWORD_RESETS_TABLE=none).
    */
-  readonly revokedGraceSeconds: number;
+  readonly targets: readonly TargetRule[];
+  /** The file the targets came from, or null for the environment's. */
+  readonly targetsFile: string | null;
+  /**
+   * NAIVE_TIMESTAMPS_TIMEZONE: the IANA zone in which the auth service writes its timestamp
+   * without time zone columns. Never guessed, never the session's: a naive column on a target
+   * without a zone of its own is refused while this is null.
+   */
+  readonly naiveTimestampsTimezone: string | null;
+  readonly sweep: SweepConfig;
   readonly metrics: MetricsConfig;
   /** Bounds every statement the daemon runs, so a blocked delete fails instead of hanging. */
   readonly statementTimeoutMs: number;
@@ -91,7 +79,12 @@ type Environment = Readonly<Record<string, string | undefined>>;
 export const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_$]*$/;
 export const MAXIMUM_IDENTIFIER_BYTES = 63;
 
-export function loadConfig(environment: Environment): Config {
+export interface LoadOptions {
+  /** --config PATH, which wins over TOKEN_REAPER_CONFIG. */
+  configPath?: string;
+}
+
+export function loadConfig(environment: Environment, options: LoadOptions = {}): Config {
   const problems: string[] = [];
   const read = (name: string): string | undefined => {
     const value = environment[name]?.trim();
@@ -121,30 +114,23 @@ export function loadConfig(environment: Environment): Config {
   const notifyChannel = read('REFRESH_TOKEN_NOTIFY_CHANNEL') ?? 'refresh_token_revoked';
   checkIdentifier('REFRESH_TOKEN_NOTIFY_CHANNEL', notifyChannel, problems);
 
-  const refreshTokensTable = parseTableName(
-    'REFRESH_TOKENS_TABLE',
-    read('REFRESH_TOKENS_TABLE') ?? 'refresh_tokens',
-    problems,
-  );
-  const revokedGraceSeconds = readDuration(read, problems, 'REFRESH_TOKEN_REVOKED_GRACE');
-  const refreshTokens = readTarget(read, problems, {
-    kind: 'refresh_tokens',
-    table: refreshTokensTable,
-    prefix: 'REFRESH_TOKENS',
-    markVariable: 'REFRESH_TOKENS_REVOKED_COLUMN',
-    revokedGraceSeconds,
-  });
-
-  const passwordResetsSetting = read('PASSWORD_RESETS_TABLE') ?? 'password_resets';
-  const passwordResets =
-    passwordResetsSetting.toLowerCase() === 'none'
-      ? null
-      : readTarget(read, problems, {
-          kind: 'password_resets',
-          table: parseTableName('PASSWORD_RESETS_TABLE', passwordResetsSetting, problems),
-          prefix: 'PASSWORD_RESETS',
-          markVariable: 'PASSWORD_RESETS_USED_COLUMN',
-        });
+  const naiveTimestampsTimezone = read('NAIVE_TIMESTAMPS_TIMEZONE') ?? null;
+  if (naiveTimestampsTimezone !== null && !isTimezone(naiveTimestampsTimezone)) {
+    problems.push(
+      `NAIVE_TIMESTAMPS_TIMEZONE=${JSON.stringify(naiveTimestampsTimezone)} is not a known IANA time zone. Use the zone the auth service writes its timestamp without time zone columns in, usually "UTC".`,
+    );
+  }
+  const targetsFile = options.configPath ?? read('TOKEN_REAPER_CONFIG') ?? null;
+  const targets =
+    targetsFile === null
+      ? readEnvironmentTargets({
+          read,
+          problems,
+          parseTableName: (variable, value) => parseTableName(variable, value, problems),
+          checkIdentifier: (variable, value) => checkIdentifier(variable, value, problems),
+          revokedGraceSeconds: readDuration(read, problems, 'REFRESH_TOKEN_REVOKED_GRACE'),
+        })
+      : readTargetsFile(targetsFile, read, problems);
 
   const batchPages = readInteger(read, problems, 'SWEEP_BATCH_PAGES', 500, 1, 1_000_000);
   const concurrency = readInteger(read, problems, 'SWEEP_CONCURRENCY', 1, 1, 64);
@@ -192,22 +178,15 @@ export function loadConfig(environment: Environment): Config {
   return deepFreeze({
     databaseUrl: databaseUrl!,
     notifyChannel,
-    refreshTokens,
-    passwordResets,
+    targets,
+    targetsFile,
+    naiveTimestampsTimezone,
     sweep: { schedule, timezone, batchPages, concurrency, partitions },
-    revokedGraceSeconds,
     metrics,
     statementTimeoutMs,
     logLevel: logLevelSetting as LogLevel,
     scheduleEnabled: environment.NODE_ENV !== 'test',
   });
-}
-
-/** The enabled targets, refresh tokens first. */
-export function targetsOf(config: Pick<Config, 'refreshTokens' | 'passwordResets'>) {
-  return config.passwordResets
-    ? [config.refreshTokens, config.passwordResets]
-    : [config.refreshTokens];
 }
 
 export function formatTableName(table: QualifiedName): string {
@@ -275,40 +254,59 @@ function databaseUrlFromPgVariables(read: (name: string) => string | undefined) 
   return url.toString();
 }
 
-function readTarget(
+function readTargetsFile(
+  path: string,
   read: (name: string) => string | undefined,
   problems: string[],
-  target: {
-    kind: TargetKind;
-    table: QualifiedName;
-    prefix: string;
-    markVariable: string;
-    revokedGraceSeconds?: number;
-  },
-): TargetConfig {
-  const column = (variable: string, fallback: string | null) => {
-    const value = read(variable) ?? fallback;
-    if (value !== null) checkIdentifier(variable, value, problems);
-    return value;
-  };
-  return {
-    kind: target.kind,
-    table: target.table,
-    idColumn: column(`${target.prefix}_ID_COLUMN`, 'id')!,
-    markColumn: column(target.markVariable, null),
-    expiresAtColumn: column(`${target.prefix}_EXPIRES_AT_COLUMN`, 'expires_at')!,
-    revokedGraceSeconds: target.revokedGraceSeconds ?? 0,
-  };
+): TargetRule[] {
+  const conflicting = TARGET_VARIABLES.filter((name) => read(name) !== undefined);
+  if (conflicting.length > 0) {
+    problems.push(
+      `${conflicting.join(', ')} ${conflicting.length === 1 ? 'is' : 'are'} set, and so is a targets file (${path}), whose targets are all the targets. Describe the tables in the file, or unset the file.`,
+    );
+  }
+  let content: unknown;
+  try {
+    content = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (error) {
+    const reason =
+      (error as NodeJS.ErrnoException).code === 'ENOENT'
+        ? 'does not exist'
+        : error instanceof SyntaxError
+          ? `is not valid JSON (${error.message})`
+          : `cannot be read (${(error as Error).message})`;
+    problems.push(
+      `the targets file ${path} ${reason}. Pass the path of a JSON file { "targets": [ … ] } with --config or TOKEN_REAPER_CONFIG.`,
+    );
+    return [];
+  }
+  return readTargetFile(
+    content,
+    {
+      source: path,
+      parseTableName: (label, value) =>
+        isTableName(value) ? parseTableName(label, value, []) : null,
+      isIdentifier: (value) =>
+        IDENTIFIER.test(value) && Buffer.byteLength(value) <= MAXIMUM_IDENTIFIER_BYTES,
+      isTimezone,
+    },
+    problems,
+  );
+}
+
+function isTableName(value: string) {
+  const parts = value.split('.');
+  return (
+    parts.length <= 2 &&
+    parts.every(
+      (part) => IDENTIFIER.test(part) && Buffer.byteLength(part) <= MAXIMUM_IDENTIFIER_BYTES,
+    )
+  );
 }
 
 function parseTableName(variable: string, value: string, problems: string[]): QualifiedName {
   const parts = value.split('.');
-  const valid =
-    parts.length <= 2 &&
-    parts.every(
-      (part) => IDENTIFIER.test(part) && Buffer.byteLength(part) <= MAXIMUM_IDENTIFIER_BYTES,
-    );
-  if (!valid) {
+  if (!isTableName(value)) {
     problems.push(
       `${variable}=${JSON.stringify(value)} is not a table name. Use table or schema.table, each part letters, digits, _ or $, not starting with a digit, at most 63 bytes; names are used exactly as written (case-sensitive).`,
     );

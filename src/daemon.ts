@@ -4,13 +4,14 @@
 // sweep stops between batches (its batch in flight commits or rolls back whole); and only
 // then is the pool closed.
 import type { DatabasePool } from 'slonik';
-import { formatTableName, type Config } from './config.js';
+import type { Config } from './config.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
 import { createListener, type Listener } from './listener.js';
-import { createPurger, type Purger } from './purge.js';
+import { createPurger, routeNotification, type Purger } from './purge.js';
 import { startSchedule, type Schedule } from './scheduler.js';
-import { describeTargetsToRun, qualifiedName } from './schema.js';
+import { describeTargetsToRun, markerColumn, qualifiedName } from './schema.js';
+import { describeReading } from './targets/time.js';
 import {
   createSweeper,
   type SweepOptions,
@@ -66,28 +67,29 @@ export function createDaemon({
   });
   let schedule: Schedule | null = null;
   let listener: Listener | null = null;
-  let purger: Purger | null = null;
+  let purgers: Purger[] = [];
   let starting: Promise<void> | null = null;
   let stopping: Promise<void> | null = null;
 
   const start = async () => {
     // Fail fast on a wrong table or column: exit 2 now beats a failed sweep at 3 am.
     const shapes = await describeTargetsToRun(pool, config);
-    const refreshTokens = shapes[0]!;
-    if (!refreshTokens.revokeTriggerInstalled) {
+    const prompt = shapes.filter((shape) => shape.notify);
+    for (const shape of prompt.filter((each) => !each.revokeTriggerInstalled)) {
       log.warn(
         'listener.trigger_missing',
-        `${qualifiedName(refreshTokens.relation)} has no revoke trigger, so revoked tokens wait for the sweep. Run "token-reaper install" to add it.`,
-        { table: qualifiedName(refreshTokens.relation) },
+        `${qualifiedName(shape.relation)} has no revoke trigger, so revoked tokens wait for the sweep. Run "token-reaper install" to add it.`,
+        { table: qualifiedName(shape.relation) },
       );
     }
-    const purge = createPurger({ pool, shape: refreshTokens, logger, events });
-    purger = purge;
+    purgers = prompt.map((shape) => createPurger({ pool, shape, logger, events }));
     listener = createListener({
       config,
       logger,
-      onNotification: (payload) => purge.receive(payload),
-      onConnected: () => void purge.catchUp('connected'),
+      onNotification: (payload) => routeNotification(payload, purgers, logger),
+      onConnected: () => {
+        for (const purger of purgers) void purger.catchUp('connected');
+      },
       events,
     });
     await listener.start();
@@ -107,10 +109,15 @@ export function createDaemon({
       nextSweepAt: schedule?.nextRun()?.toISOString() ?? null,
       targets: shapes.map((shape) => ({
         table: qualifiedName(shape.relation),
-        configured: formatTableName(shape.target.table),
-        kind: shape.target.kind,
-        markColumn: shape.markColumn,
-        markShape: shape.markShape,
+        target: shape.rule.label,
+        marker: shape.marker ? markerColumn(shape.marker) : null,
+        expiry:
+          shape.expiry === null
+            ? null
+            : describeReading(
+                shape.expiry.kind === 'column' ? shape.expiry.time : shape.expiry.from,
+              ),
+        notify: shape.notify,
         partitioned: shape.partitioned,
       })),
     });
@@ -119,7 +126,7 @@ export function createDaemon({
   const stop = async () => {
     await starting?.catch(() => undefined);
     await listener?.stop();
-    await purger?.stop();
+    await Promise.all(purgers.map((purger) => purger.stop()));
     await schedule?.stop();
     await sweeper.stop();
     // Ending a pool whose connections died with the server can fail; the process is

@@ -19,7 +19,7 @@ export async function createDatabasePool(
   logger: Logger,
   options: PoolOptions,
 ): Promise<DatabasePool> {
-  const pool = await createPool(withAsynchronousCommit(withApplicationName(config.databaseUrl)), {
+  const pool = await createPool(withSessionSettings(withApplicationName(config.databaseUrl)), {
     maximumPoolSize: options.maximumPoolSize,
     statementTimeout: config.statementTimeoutMs,
     connectionTimeout: 10_000,
@@ -63,16 +63,24 @@ export function listenerConnectionConfig(config: Pick<Config, 'databaseUrl'>): p
 }
 
 /**
+ * Every pooled connection's TimeZone is UTC, so that no result depends on the server's or the
+ * database's default. Correctness does not rest on it (targets/time.ts reads every column in
+ * its declared zone), but a timestamptz printed or parsed as text (a partition bound) then
+ * means the same on every server.
+ *
  * The daemon's deletes commit without waiting for the WAL flush. Each sweep batch writes a few
  * megabytes of WAL, mostly full-page images, and with synchronous commit the auth service's own
  * commits queue behind those flushes (the benchmark measured its p99 at 2.7× its rest during a
  * sweep, 1.9× without). It is safe here: a delete lost in a crash leaves a dead row, which the
  * next catch-up or sweep deletes again; nothing the auth service wrote is touched.
  */
-function withAsynchronousCommit(databaseUrl: string) {
+function withSessionSettings(databaseUrl: string) {
   const url = new URL(databaseUrl);
   const options = url.searchParams.get('options');
-  url.searchParams.set('options', `${options ? `${options} ` : ''}-c synchronous_commit=off`);
+  url.searchParams.set(
+    'options',
+    `${options ? `${options} ` : ''}-c synchronous_commit=off -c TimeZone=UTC`,
+  );
   return url.toString();
 }
 

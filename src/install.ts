@@ -17,10 +17,10 @@ import type pg from 'pg';
 import { sql, type CommonQueryMethods } from 'slonik';
 import { z } from 'zod';
 import { escapeIdentifier, escapeLiteral } from 'pg';
-import type { Config, TargetKind } from './config.js';
+import type { Config } from './config.js';
 import { NewerSchemaVersionError } from './errors.js';
 import type { Logger } from './logger.js';
-import { qualifiedName, type TableShape } from './schema.js';
+import { markerColumn, qualifiedName, type Relation, type TableShape } from './schema.js';
 import { SWEEP_LOCK } from './sweep/sweeper.js';
 
 export const SQL_DIRECTORY = fileURLToPath(new URL('../sql/', import.meta.url));
@@ -48,11 +48,17 @@ export interface InstallStatement {
   index: { schema: string; name: string } | null;
 }
 
+/**
+ * Which targets a file is rendered for: `all` renders it once; the others once per target
+ * that has the revoke trigger (`notify`) or an expiry (`expiry`).
+ */
+type FileScope = 'all' | 'notify' | 'expiry';
+
 interface SqlFile {
   version: number;
   file: string;
   text: string;
-  target: TargetKind | 'all';
+  scope: FileScope;
   transactional: boolean;
   indexVariable: string | null;
 }
@@ -70,15 +76,17 @@ export async function readSqlFiles(directory = SQL_DIRECTORY): Promise<SqlFile[]
           return [key, value] as const;
         }),
       );
-      const target = settings.get('target');
-      if (target !== 'all' && target !== 'refresh_tokens' && target !== 'password_resets') {
-        throw new Error(`sql/${file} has no valid "-- token-reaper: target=…" directive`);
+      const scope = settings.get('target');
+      if (scope !== 'all' && scope !== 'notify' && scope !== 'expiry') {
+        throw new Error(
+          `sql/${file} has no valid "-- token-reaper: target=all|notify|expiry" directive`,
+        );
       }
       return {
         version: Number(file.slice(0, 3)),
         file,
         text,
-        target,
+        scope,
         transactional: settings.get('transaction') !== 'none',
         indexVariable: settings.get('index') ?? null,
       };
@@ -86,43 +94,57 @@ export async function readSqlFiles(directory = SQL_DIRECTORY): Promise<SqlFile[]
   );
 }
 
-/** The psql-style variables the files use: :"identifier", :'literal' and :raw_fragment. */
+type TemplateValue = { identifier: string } | { literal: string } | { fragment: string };
+export type TemplateVariables = Map<string, TemplateValue>;
+
+function inScope(file: SqlFile, shape: TableShape) {
+  return file.scope === 'notify' ? shape.notify && shape.marker !== null : shape.expiry !== null;
+}
+
+/** The column the expiry index is on: the expiry column, or the time a lifetime counts from. */
+function expiryIndexColumn(shape: TableShape): string {
+  const expiry = shape.expiry!;
+  return expiry.kind === 'column' ? expiry.time.column : expiry.from.column;
+}
+
+/**
+ * The psql-style variables the files use, :"identifier", :'literal' and :raw_fragment, for one
+ * target (or for none, in a file rendered once).
+ */
 export function templateVariables(
   config: Pick<Config, 'notifyChannel'>,
-  shapes: readonly TableShape[],
-): Map<string, { identifier: string } | { literal: string } | { fragment: string }> {
-  const variables = new Map<
-    string,
-    { identifier: string } | { literal: string } | { fragment: string }
-  >();
+  shape: TableShape | null,
+  table: Relation | null = shape?.relation ?? null,
+): TemplateVariables {
+  const variables: TemplateVariables = new Map();
   variables.set('notify_channel', { literal: config.notifyChannel });
-  for (const shape of shapes) {
-    const prefix = shape.target.kind;
-    const mark = escapeIdentifier(shape.markColumn);
-    variables.set(`${prefix}_schema`, { identifier: shape.relation.schema });
-    variables.set(`${prefix}_table`, { identifier: shape.relation.name });
-    variables.set(`${prefix}_id_column`, { identifier: shape.idColumn });
-    variables.set(`${prefix}_qualified_name`, { literal: qualifiedName(shape.relation) });
-    variables.set(`${prefix}_expires_at_column`, { identifier: shape.expiresAtColumn });
-    variables.set(`${prefix}_expiry_index`, {
-      identifier: indexName(shape.relation.name, shape.expiresAtColumn),
+  if (shape === null || table === null) return variables;
+  variables.set('schema', { identifier: table.schema });
+  variables.set('table', { identifier: table.name });
+  variables.set('qualified_name', { literal: qualifiedName(shape.relation) });
+  if (shape.id) variables.set('id_column', { identifier: shape.id.column });
+  if (shape.expiry) {
+    const column = expiryIndexColumn(shape);
+    variables.set('expiry_column', { identifier: column });
+    variables.set('expiry_index', { identifier: indexName(table.name, column) });
+  }
+  const marker = shape.marker;
+  if (marker) {
+    const name = markerColumn(marker);
+    const column = escapeIdentifier(name);
+    variables.set('marker_column', { identifier: name });
+    variables.set('marker_index', { identifier: indexName(table.name, name) });
+    // The marked rows, in the form the catch-up repeats (predicates.ts, markerIndexPredicate).
+    variables.set('marker_index_predicate', {
+      fragment:
+        marker.kind === 'time' ? `${column} IS NOT NULL` : marker.dead ? column : `NOT ${column}`,
     });
-    if (prefix === 'refresh_tokens') {
-      variables.set('refresh_tokens_revoked_column', { identifier: shape.markColumn });
-      variables.set('refresh_tokens_revoked_index', {
-        identifier: indexName(shape.relation.name, shape.markColumn),
-      });
-      // Not revoked before, revoked now. IS TRUE / IS NOT TRUE so that NULLs never fire.
-      variables.set('refresh_tokens_revoked_condition', {
-        fragment:
-          shape.markShape === 'boolean'
-            ? `NEW.${mark} IS TRUE AND OLD.${mark} IS NOT TRUE`
-            : `NEW.${mark} IS NOT NULL AND OLD.${mark} IS NULL`,
-      });
-      variables.set('refresh_tokens_revoked_predicate', {
-        fragment: shape.markShape === 'boolean' ? mark : `${mark} IS NOT NULL`,
-      });
-    }
+    // Not marked before, marked now. IS TRUE / IS FALSE / IS NOT NULL, so NULLs never fire.
+    const is = marker.kind === 'time' ? 'IS NOT NULL' : marker.dead ? 'IS TRUE' : 'IS FALSE';
+    const was = marker.kind === 'time' ? 'IS NULL' : marker.dead ? 'IS NOT TRUE' : 'IS NOT FALSE';
+    variables.set('marker_became_dead', {
+      fragment: `NEW.${column} ${is} AND OLD.${column} ${was}`,
+    });
   }
   return variables;
 }
@@ -130,11 +152,7 @@ export function templateVariables(
 // `:name`, `:"name"` or `:'name'`, but not the second colon of a `::type` cast.
 const VARIABLE = /(?<![:\w]):(?:"(\w+)"|'(\w+)'|(\w+))/g;
 
-export function renderSql(
-  text: string,
-  variables: ReturnType<typeof templateVariables>,
-  file: string,
-): string {
+export function renderSql(text: string, variables: TemplateVariables, file: string): string {
   return text.replace(VARIABLE, (match, quoted?: string, literal?: string, raw?: string) => {
     const name = (quoted ?? literal ?? raw)!;
     const value = variables.get(name);
@@ -184,14 +202,14 @@ export async function buildInstallPlan(
   attachedIndexes: AttachedIndexes = new Map(),
   directory = SQL_DIRECTORY,
 ): Promise<InstallStep[]> {
-  const kinds = new Set<string>(['all', ...shapes.map((shape) => shape.target.kind)]);
-  const variables = templateVariables(config, shapes);
-  const files = (await readSqlFiles(directory)).filter((file) => kinds.has(file.target));
+  const files = (await readSqlFiles(directory)).filter(
+    (file) => file.scope === 'all' || shapes.some((shape) => inScope(file, shape)),
+  );
   return files.map((file) => {
-    const statements = renderStatements(file, shapes, variables, attachedIndexes);
+    const statements = renderStatements(file, config, shapes, attachedIndexes);
     // The checksum is of the file rendered for these tables, not of what the database already
     // has: indexes a partition got from its parent make statements drop out, not the file change.
-    const rendered = renderStatements(file, shapes, variables, new Map());
+    const rendered = renderStatements(file, config, shapes, new Map());
     const checksum = createHash('sha256')
       .update(rendered.map((statement) => statement.sql).join('\n'))
       .digest('hex')
@@ -213,17 +231,26 @@ export async function buildInstallPlan(
 
 function renderStatements(
   file: SqlFile,
+  config: Pick<Config, 'notifyChannel'>,
   shapes: readonly TableShape[],
-  variables: ReturnType<typeof templateVariables>,
   attachedIndexes: AttachedIndexes,
 ): InstallStatement[] {
-  const sql = renderSql(file.text, variables, file.file).trim();
-  if (file.indexVariable === null) return [{ sql, index: null }];
-  const shape = shapes.find((candidate) => candidate.target.kind === file.target)!;
-  const name = (variables.get(file.indexVariable) as { identifier: string }).identifier;
-  if (!shape.partitioned) return [{ sql, index: { schema: shape.relation.schema, name } }];
-  const attached = attachedIndexes.get(`${shape.relation.schema}.${name}`) ?? new Set<string>();
-  return partitionedIndexStatements(file, shape, name, sql, attached);
+  if (file.scope === 'all') {
+    return [
+      { sql: renderSql(file.text, templateVariables(config, null), file.file).trim(), index: null },
+    ];
+  }
+  return shapes
+    .filter((shape) => inScope(file, shape))
+    .flatMap((shape) => {
+      const variables = templateVariables(config, shape);
+      const sql = renderSql(file.text, variables, file.file).trim();
+      if (file.indexVariable === null) return [{ sql, index: null }];
+      const name = (variables.get(file.indexVariable) as { identifier: string }).identifier;
+      if (!shape.partitioned) return [{ sql, index: { schema: shape.relation.schema, name } }];
+      const attached = attachedIndexes.get(`${shape.relation.schema}.${name}`) ?? new Set<string>();
+      return partitionedIndexStatements(file, config, shape, name, sql, attached);
+    });
 }
 
 /**
@@ -236,26 +263,21 @@ function renderStatements(
  */
 function partitionedIndexStatements(
   file: SqlFile,
+  config: Pick<Config, 'notifyChannel'>,
   shape: TableShape,
   parentIndex: string,
   parentSql: string,
   attached: ReadonlySet<string>,
 ): InstallStatement[] {
-  const prefix = shape.target.kind;
   const parentTable = `${escapeIdentifier(shape.relation.schema)}.${escapeIdentifier(shape.relation.name)}`;
   const onlyParent = parentSql
     .replace('CREATE INDEX CONCURRENTLY', 'CREATE INDEX')
     .replace(`ON ${parentTable}`, `ON ONLY ${parentTable}`);
   const statements: InstallStatement[] = [{ sql: onlyParent, index: null }];
-  // The parent's index is <table>_<column>_idx; each partition's is <partition>_<column>_idx.
-  const suffix = parentIndex.slice(shape.relation.name.length);
   // Partitions made after the parent's index existed already have theirs.
   for (const leaf of shape.leaves.filter((leaf) => !attached.has(qualifiedName(leaf)))) {
-    const leafIndex = truncateName(`${leaf.name}${suffix}`);
-    const leafVariables = templateVariables({ notifyChannel: '' }, [shape]);
-    leafVariables.set(`${prefix}_schema`, { identifier: leaf.schema });
-    leafVariables.set(`${prefix}_table`, { identifier: leaf.name });
-    leafVariables.set(file.indexVariable!, { identifier: leafIndex });
+    const leafVariables = templateVariables(config, shape, leaf);
+    const leafIndex = (leafVariables.get(file.indexVariable!) as { identifier: string }).identifier;
     statements.push({
       sql: renderSql(file.text, leafVariables, file.file).trim(),
       index: { schema: leaf.schema, name: leafIndex },

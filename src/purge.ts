@@ -1,4 +1,4 @@
-// Deletes revoked refresh tokens as their NOTIFYs arrive. There is no timer and no fixed
+// Deletes revoked tokens as their NOTIFYs arrive, for every target with the revoke trigger. There is no timer and no fixed
 // delay: the first revocation is deleted at once, and every revocation that arrives while a
 // DELETE is in flight waits for it and forms the next batch. Under a trickle each token goes
 // alone, within a millisecond or two; under a burst the batches grow by themselves, up to
@@ -18,12 +18,13 @@ import { z } from 'zod';
 import { retryOnDeadlock } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
-import { markedPredicate, recordsRevocations } from './predicates.js';
+import { deletion, purgeablePredicate } from './predicates.js';
 import { recordRevocations, recordUnseenRevocations } from './revocations.js';
 import {
+  columnOf,
   idTypeOf,
   qualifiedName,
-  relationIdentifier,
+  recordsRevocationTimes,
   type IdType,
   type TableShape,
 } from './schema.js';
@@ -42,8 +43,10 @@ export interface Revocation {
 export type CatchUpReason = 'connected' | 'bad_payload' | 'queue_full' | 'grace_due';
 
 export interface Purger {
-  /** Validates a NOTIFY payload and queues its id; a bad payload is logged and caught up. */
-  receive(payload: string | undefined): void;
+  /** The names a payload for this table carries: the table's, and its partitions'. */
+  readonly tables: ReadonlySet<string>;
+  /** Validates a parsed NOTIFY payload and queues its id; a bad one is logged and caught up. */
+  receive(payload: PayloadFields): void;
   /** Deletes every revoked row now in the table; resolves with the count once it has. */
   catchUp(reason: CatchUpReason): Promise<number>;
   /** Stops taking work and waits for the DELETE in flight, which commits or rolls back whole. */
@@ -54,15 +57,19 @@ const ID_PATTERNS: Record<IdType, RegExp> = {
   uuid: /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i,
   bigint: /^-?\d{1,19}$/,
   integer: /^-?\d{1,10}$/,
+  smallint: /^-?\d{1,5}$/,
   text: /^[\s\S]{1,512}$/,
   'character varying': /^[\s\S]{1,512}$/,
+  character: /^[\s\S]{1,512}$/,
 };
 
-/** A revocation, or why the payload is not one. Exported for tests. */
-export function parseRevocation(
+/** A payload's fields, once it is known to be a JSON object. */
+export type PayloadFields = Readonly<Record<string, unknown>>;
+
+/** The payload's fields, or why it is not the trigger's. */
+export function parsePayload(
   payload: string | undefined,
-  shape: Pick<TableShape, 'idType' | 'relation' | 'leaves'>,
-): Revocation | { problem: string } {
+): { fields: PayloadFields } | { problem: string } {
   if (payload === undefined || payload === '') return { problem: 'empty payload' };
   if (payload.length > MAXIMUM_PAYLOAD_CHARACTERS) {
     return { problem: `payload of ${payload.length} characters is too long to be the trigger's` };
@@ -76,27 +83,42 @@ export function parseRevocation(
   if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
     return { problem: 'payload is not a JSON object' };
   }
-  const { table, id, revoked_at: revokedAt } = parsed as Record<string, unknown>;
-  // A partitioned table's trigger fires on the partition, which names itself.
-  const tables = new Set([qualifiedName(shape.relation), ...shape.leaves.map(qualifiedName)]);
-  if (typeof table !== 'string' || !tables.has(table)) {
+  return { fields: parsed as PayloadFields };
+}
+
+/** The names a payload for this table may carry: a partition's trigger names the partition. */
+export function payloadTables(shape: Pick<TableShape, 'relation' | 'leaves'>): Set<string> {
+  return new Set([qualifiedName(shape.relation), ...shape.leaves.map(qualifiedName)]);
+}
+
+/** A revocation of this table's, or why the payload is not one. Exported for tests. */
+export function parseRevocation(
+  payload: string | undefined,
+  shape: Pick<TableShape, 'id' | 'relation' | 'leaves'>,
+): Revocation | { problem: string } {
+  const parsed = parsePayload(payload);
+  if ('problem' in parsed) return parsed;
+  const { table } = parsed.fields;
+  if (typeof table !== 'string' || !payloadTables(shape).has(table)) {
     return { problem: 'payload names another table, or none' };
   }
+  return validateRevocation(parsed.fields, shape);
+}
+
+function validateRevocation(
+  fields: PayloadFields,
+  shape: Pick<TableShape, 'id'>,
+): Revocation | { problem: string } {
+  const { id, revoked_at: revokedAt } = fields;
+  const idType = shape.id!.type;
   const idText = typeof id === 'number' && Number.isSafeInteger(id) ? String(id) : id;
-  if (typeof idText !== 'string' || !ID_PATTERNS[shape.idType].test(idText)) {
-    return { problem: `payload id is not a valid ${shape.idType}` };
+  if (typeof idText !== 'string' || !ID_PATTERNS[idType].test(idText)) {
+    return { problem: `payload id is not a valid ${idType}` };
   }
   if (typeof revokedAt !== 'string' || Number.isNaN(Date.parse(revokedAt))) {
     return { problem: 'payload revoked_at is not a timestamp' };
   }
   return { id: idText, revokedAt };
-}
-
-/** The start of a payload, safe to log: printable ASCII only, and short. */
-function excerpt(payload: string | undefined) {
-  if (payload === undefined) return '';
-  const printable = payload.slice(0, 60).replace(/[^\x20-\x7e]/g, '?');
-  return payload.length > 60 ? `${printable}…` : printable;
 }
 
 const batchRow = z.object({ deleted: z.number(), latencyMs: z.number().nullable() });
@@ -114,10 +136,9 @@ export function createPurger({
 }): Purger {
   const log = logger.child('purge');
   const listenerLog = logger.child('listener');
-  const table = relationIdentifier(shape.relation);
   const tableName = qualifiedName(shape.relation);
-  const idColumn = sql.identifier([shape.relation.schema, shape.relation.name, shape.idColumn]);
-  const revoked = markedPredicate(shape);
+  const idColumn = columnOf(shape.relation, shape.id!.column);
+  const purgeable = purgeablePredicate(shape, shape.relation);
 
   /** id → the time of its revocation; a Map, so a repeated id is deleted once. */
   const queue = new Map<string, string>();
@@ -126,11 +147,11 @@ export function createPurger({
     null;
   let working: Promise<void> | null = null;
   let stopped = false;
-  const grace = shape.target.revokedGraceSeconds;
+  const grace = shape.marker?.graceSeconds ?? 0;
   // With a grace, a NOTIFY deletes nothing: it records the time of the revocation (a boolean
   // column has none of its own), and a catch-up on a timer deletes the rows whose grace has
   // passed, through the same grace-aware predicate as every other delete.
-  const recording = recordsRevocations(shape);
+  const recording = recordsRevocationTimes(shape);
   const graceTimer =
     grace > 0
       ? setInterval(
@@ -146,8 +167,8 @@ export function createPurger({
     // at the UPDATE to the end of this DELETE, for the oldest revocation actually deleted.
     const result = await retryOnDeadlock(() =>
       pool.one(sql.type(batchRow)`
-      WITH batch (token_reaper_id, token_reaper_revoked_at) AS (
-        SELECT * FROM unnest(
+      ${deletion(shape, shape.relation, {
+        using: sql.fragment`unnest(
           ${sql.array(
             batch.map((revocation) => revocation.id),
             'text',
@@ -156,17 +177,14 @@ export function createPurger({
             batch.map((revocation) => revocation.revokedAt),
             'text',
           )}::timestamptz[]
-        )
-      ),
-      gone AS (
-        DELETE FROM ${table} USING batch
-        WHERE ${idColumn} = batch.token_reaper_id AND ${revoked}
-        RETURNING batch.token_reaper_revoked_at
-      )
+        ) AS batch (token_reaper_id, token_reaper_revoked_at)`,
+        where: sql.fragment`${idColumn} = batch.token_reaper_id AND ${purgeable}`,
+        returning: sql.fragment`batch.token_reaper_revoked_at`,
+      })}
       SELECT count(*)::int AS deleted,
              (extract(epoch FROM clock_timestamp() - min(token_reaper_revoked_at)) * 1000)::float8
                AS "latencyMs"
-      FROM gone
+      FROM token_reaper_deleted
     `),
     );
     const report = {
@@ -278,13 +296,14 @@ export function createPurger({
   };
 
   return {
+    tables: payloadTables(shape),
     receive(payload) {
       if (stopped) return;
-      const parsed = parseRevocation(payload, shape);
+      const parsed = validateRevocation(payload, shape);
       if ('problem' in parsed) {
         listenerLog.warn('listener.bad_payload', `ignored a notification: ${parsed.problem}`, {
+          table: tableName,
           problem: parsed.problem,
-          excerpt: excerpt(payload),
         });
         void requestCatchUp('bad_payload');
         return;
@@ -320,4 +339,29 @@ export function createPurger({
       catchUp = null;
     },
   };
+}
+
+/**
+ * One LISTEN channel serves every target with the trigger: the payload names its table, and
+ * goes to that table's purger. A payload that names no target's table is logged, and every
+ * purger catches up, since nothing in it can be trusted.
+ */
+export function routeNotification(
+  payload: string | undefined,
+  purgers: readonly Purger[],
+  logger: Logger,
+): void {
+  const parsed = parsePayload(payload);
+  const table = 'fields' in parsed ? parsed.fields.table : undefined;
+  const purger = purgers.find((candidate) => candidate.tables.has(String(table)));
+  if (!('fields' in parsed) || purger === undefined) {
+    // Never the payload itself: its id may be a token hash. Its length and the reason only.
+    logger.child('listener').warn('listener.bad_payload', 'ignored a notification', {
+      problem: 'problem' in parsed ? parsed.problem : 'payload names another table, or none',
+      length: payload?.length ?? 0,
+    });
+    for (const each of purgers) void each.catchUp('bad_payload');
+    return;
+  }
+  purger.receive(parsed.fields);
 }

@@ -7,8 +7,9 @@
 import { sql, type DatabasePool } from 'slonik';
 import { retryOnDeadlock } from './db.js';
 import type { Revocation } from './purge.js';
-import { markedColumnIsSet } from './predicates.js';
+import { markerSetPredicate } from './predicates.js';
 import {
+  columnOf,
   idTypeOf,
   qualifiedName,
   relationIdentifier,
@@ -47,9 +48,9 @@ export async function recordUnseenRevocations(
 ): Promise<number> {
   const result = await pool.query(sql.unsafe`
     INSERT INTO token_reaper.revocations (reaper_relation, reaper_token_id, reaper_revoked_at)
-    SELECT ${qualifiedName(shape.relation)}, ${sql.identifier([shape.idColumn])}::text, now()
+    SELECT ${qualifiedName(shape.relation)}, ${columnOf(leaf, shape.id!.column)}::text, now()
     FROM ${relationIdentifier(leaf)}
-    WHERE ${markedColumnIsSet(shape)}
+    WHERE ${markerSetPredicate(shape, leaf)!}
     ON CONFLICT DO NOTHING
   `);
   return result.rowCount;
@@ -63,9 +64,8 @@ export async function forgetRevocations(pool: DatabasePool, shape: TableShape): 
     WHERE reaper_relation = ${qualifiedName(shape.relation)}
       AND NOT EXISTS (
         SELECT 1 FROM ${table}
-        WHERE ${sql.identifier([shape.relation.schema, shape.relation.name, shape.idColumn])}
-              = reaper_token_id::${idTypeOf(shape)}
-          AND ${markedColumnIsSet(shape)})
+        WHERE ${columnOf(shape.relation, shape.id!.column)} = reaper_token_id::${idTypeOf(shape)}
+          AND ${markerSetPredicate(shape, shape.relation)!})
   `);
   return result.rowCount;
 }

@@ -28,8 +28,7 @@ import { IDENTIFIER, MAXIMUM_IDENTIFIER_BYTES } from './config.js';
 import { ConfigurationError } from './errors.js';
 import { acquireInstallLock, INSTALL_LOCK } from './install.js';
 import type { Logger } from './logger.js';
-import { recordsRevocations } from './predicates.js';
-import { qualifiedName, type Relation, type TableShape } from './schema.js';
+import { qualifiedName, recordsRevocationTimes, type Relation, type TableShape } from './schema.js';
 
 /** The relation the daemon keeps revocation times in, when a grace needs them. */
 const REVOCATIONS: Relation = { schema: 'token_reaper', name: 'revocations' };
@@ -185,10 +184,11 @@ export function buildRolePlan(
     comment: 'Connect to the database.',
     sql: `GRANT CONNECT ON DATABASE ${escapeIdentifier(databaseName)} TO ${role};`,
   });
-  const revocations = shapes.some(recordsRevocations);
+  const revocations = shapes.some(recordsRevocationTimes);
   const schemas = [
     ...new Set([
       ...shapes.flatMap(relationsOf).map((relation) => relation.schema),
+      ...shapes.flatMap((shape) => shape.references).map((reference) => reference.from.schema),
       ...(revocations ? [REVOCATIONS.schema] : []),
     ]),
   ];
@@ -215,6 +215,20 @@ export function buildRolePlan(
             ? `Partitions made later are covered by the membership in the owner below.`
             : `Partitions added later need these grants too: run install --role again after adding one.`),
         sql: grantOn(shape.leaves, role),
+      });
+    }
+    for (const reference of shape.references) {
+      const columns = reference.columns.map(escapeIdentifier).join(', ');
+      const target = `${escapeIdentifier(reference.from.schema)}.${escapeIdentifier(reference.from.name)}`;
+      statements.push({
+        comment:
+          reference.handling === 'keep'
+            ? `${qualifiedName(reference.from)} references ${table} (${reference.constraint}): read the reference, to keep the rows it still points at.`
+            : `${qualifiedName(reference.from)} references ${table} (${reference.constraint}): set the reference to NULL when its row goes.`,
+        sql:
+          reference.handling === 'keep'
+            ? `GRANT SELECT (${columns}) ON ${target} TO ${role};`
+            : `GRANT SELECT (${columns}), UPDATE (${columns}) ON ${target} TO ${role};`,
       });
     }
     // A member of the owner is exempt from row-level security, unless the table forces it.

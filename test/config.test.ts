@@ -20,9 +20,20 @@ describe('config', () => {
     expect(config.sweep.schedule).to.equal(DEFAULT_SCHEDULE).and.equal('0 3 * * *');
     expect(config.sweep.timezone).to.equal(null);
     expect(config.notifyChannel).to.equal('refresh_token_revoked');
-    expect(config.refreshTokens.table).to.deep.equal({ schema: null, name: 'refresh_tokens' });
-    expect(config.passwordResets?.table).to.deep.equal({ schema: null, name: 'password_resets' });
-    expect(config.refreshTokens.markColumn).to.equal(null);
+    const [refreshTokens, passwordResets] = config.targets;
+    expect(refreshTokens!.table.candidates[0]).to.deep.equal({
+      schema: null,
+      name: 'refresh_tokens',
+    });
+    expect(refreshTokens!.table.configured).to.equal(false);
+    expect(passwordResets!.table.candidates[0]).to.deep.equal({
+      schema: null,
+      name: 'password_resets',
+    });
+    expect(refreshTokens!.marker!.column.configured).to.equal(false);
+    expect(refreshTokens!.notify).to.equal(true);
+    expect(passwordResets!.notify).to.equal(false);
+    expect(config.naiveTimestampsTimezone).to.equal(null);
     expect(config.sweep.batchPages).to.equal(500);
     expect(config.sweep.concurrency).to.equal(1);
     expect(config.logLevel).to.equal('info');
@@ -33,7 +44,7 @@ describe('config', () => {
     const config = loadConfig(minimal);
     expect(Object.isFrozen(config)).to.equal(true);
     expect(Object.isFrozen(config.sweep)).to.equal(true);
-    expect(Object.isFrozen(config.refreshTokens.table)).to.equal(true);
+    expect(Object.isFrozen(config.targets[0]!.table)).to.equal(true);
   });
 
   it('does not register the schedule when NODE_ENV is test', () => {
@@ -49,18 +60,23 @@ describe('config', () => {
       PASSWORD_RESETS_TABLE: 'none',
       REFRESH_TOKENS_REVOKED_COLUMN: 'revoked_at',
     });
-    expect(config.refreshTokens.table).to.deep.equal({ schema: 'auth', name: 'refresh_tokens' });
+    expect(config.targets[0]!.table.candidates).to.deep.equal([
+      { schema: 'auth', name: 'refresh_tokens' },
+    ]);
     expect(config.sweep.schedule).to.equal('*/10 * * * * *');
     expect(config.sweep.timezone).to.equal('Europe/Berlin');
-    expect(config.passwordResets).to.equal(null);
-    expect(config.refreshTokens.markColumn).to.equal('revoked_at');
+    expect(config.targets).to.have.length(1);
+    expect(config.targets[0]!.marker!.column).to.deep.equal({
+      candidates: ['revoked_at'],
+      configured: true,
+    });
   });
 
   it('reads the revoked-token grace as a duration, for refresh tokens only', () => {
     const config = loadConfig({ ...minimal, REFRESH_TOKEN_REVOKED_GRACE: '15m' });
-    expect(config.refreshTokens.revokedGraceSeconds).to.equal(900);
-    expect(config.passwordResets?.revokedGraceSeconds).to.equal(0);
-    expect(loadConfig(minimal).refreshTokens.revokedGraceSeconds).to.equal(0);
+    expect(config.targets[0]!.marker!.graceSeconds).to.equal(900);
+    expect(config.targets[1]!.marker!.graceSeconds).to.equal(0);
+    expect(loadConfig(minimal).targets[0]!.marker!.graceSeconds).to.equal(0);
   });
 
   it('falls back to the PG* variables like psql does', () => {

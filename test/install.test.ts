@@ -9,10 +9,9 @@ import { createReferenceSchema } from './support/fixtures.js';
 const ALL_FILES = [
   '001-schema.sql',
   '002-notify-function.sql',
-  '003-refresh-tokens-revoke-trigger.sql',
-  '004-refresh-tokens-expiry-index.sql',
-  '005-refresh-tokens-revoked-index.sql',
-  '006-password-resets-expiry-index.sql',
+  '003-revoke-trigger.sql',
+  '004-expiry-index.sql',
+  '005-marker-index.sql',
   '007-revocations.sql',
 ];
 

@@ -67,10 +67,10 @@ async function stopDaemon(daemon: ProcessHandle) {
 describe('prompt purge', () => {
   describe('payload validation', () => {
     const shape = {
-      idType: 'uuid',
+      id: { column: 'id', type: 'uuid' },
       relation: { schema: 'public', name: 'refresh_tokens' },
       leaves: [{ schema: 'public', name: 'refresh_tokens_2026_11_25' }],
-    } as Pick<TableShape, 'idType' | 'relation' | 'leaves'>;
+    } as Pick<TableShape, 'id' | 'relation' | 'leaves'>;
     const id = '0b8e1d4e-4f39-4a5b-9e0b-1c2d3e4f5a6b';
     const revokedAt = '2026-11-25T04:26:15.629+00:00';
 
@@ -90,7 +90,9 @@ describe('prompt purge', () => {
         id: 42,
         revoked_at: revokedAt,
       });
-      expect(parseRevocation(payload, { ...shape, idType: 'bigint' })).to.deep.equal({
+      expect(
+        parseRevocation(payload, { ...shape, id: { column: 'id', type: 'bigint' } }),
+      ).to.deep.equal({
         id: '42',
         revokedAt,
       });
@@ -222,7 +224,9 @@ describe('prompt purge', () => {
       expect(warnings).to.have.length(4);
       for (const warning of warnings) {
         expect(warning.level).to.equal('warn');
-        expect((warning.excerpt as string).length).to.be.at.most(61);
+        // No payload text at all: its id may be a token hash.
+        expect(warning).to.not.have.property('excerpt');
+        expect(warning.length).to.be.a('number');
       }
       expect(await remaining(query, [live!])).to.equal(1);
 

@@ -5,7 +5,7 @@ import type { DatabasePool } from 'slonik';
 import { loadConfig } from '../src/config.js';
 import { createDatabasePool } from '../src/db.js';
 import { SchemaError } from '../src/errors.js';
-import { describeTarget } from '../src/schema.js';
+import { describeTarget, type TableShape } from '../src/schema.js';
 import { createCapturingLogger } from './support/capture-logger.js';
 import { useTestDatabase } from './support/database.js';
 import { createReferenceSchema } from './support/fixtures.js';
@@ -26,13 +26,20 @@ describe('schema introspection', () => {
   });
   after(() => pool.end());
 
-  const describe_ = (
+  const describe_ = async (
     environment: Record<string, string>,
     which: 'refreshTokens' | 'passwordResets' = 'refreshTokens',
   ) => {
     const config = loadConfig({ DATABASE_URL: database.url, ...environment });
-    return describeTarget(pool, config[which]!);
+    const rule = config.targets[which === 'refreshTokens' ? 0 : 1]!;
+    return (await describeTarget(pool, rule, config))!;
   };
+  const markerOf = (shape: TableShape) =>
+    shape.marker === null
+      ? null
+      : shape.marker.kind === 'flag'
+        ? { column: shape.marker.column, kind: 'flag' }
+        : { column: shape.marker.time.column, kind: 'time' };
 
   async function schemaProblems(environment: Record<string, string>) {
     try {
@@ -46,23 +53,24 @@ describe('schema introspection', () => {
 
   it('finds a boolean revoked column and a boolean used column', async () => {
     const tokens = await describe_({ REFRESH_TOKENS_TABLE: 'plain.refresh_tokens' });
-    expect(tokens).to.include({ markColumn: 'revoked', markShape: 'boolean', partitioned: false });
+    expect(markerOf(tokens)).to.deep.equal({ column: 'revoked', kind: 'flag' });
+    expect(tokens.partitioned).to.equal(false);
     expect(tokens.relation).to.deep.equal({ schema: 'plain', name: 'refresh_tokens' });
     const resets = await describe_(
       { PASSWORD_RESETS_TABLE: 'plain.password_resets' },
       'passwordResets',
     );
-    expect(resets).to.include({ markColumn: 'used', markShape: 'boolean' });
+    expect(markerOf(resets)).to.deep.equal({ column: 'used', kind: 'flag' });
   });
 
   it('finds revoked_at and used_at timestamps', async () => {
     const tokens = await describe_({ REFRESH_TOKENS_TABLE: 'stamped.refresh_tokens' });
-    expect(tokens).to.include({ markColumn: 'revoked_at', markShape: 'timestamp' });
+    expect(markerOf(tokens)).to.deep.equal({ column: 'revoked_at', kind: 'time' });
     const resets = await describe_(
       { PASSWORD_RESETS_TABLE: 'stamped.password_resets' },
       'passwordResets',
     );
-    expect(resets).to.include({ markColumn: 'used_at', markShape: 'timestamp' });
+    expect(markerOf(resets)).to.deep.equal({ column: 'used_at', kind: 'time' });
   });
 
   it('resolves an unqualified name through the search_path', async () => {
@@ -81,12 +89,17 @@ describe('schema introspection', () => {
       REFRESH_TOKENS_ID_COLUMN: 'token_id',
       REFRESH_TOKENS_REVOKED_COLUMN: 'invalidated_at',
       REFRESH_TOKENS_EXPIRES_AT_COLUMN: 'valid_until',
+      NAIVE_TIMESTAMPS_TIMEZONE: 'UTC',
     });
-    expect(shape).to.include({
-      idColumn: 'token_id',
-      markColumn: 'invalidated_at',
-      markShape: 'timestamp',
-      expiresAtColumn: 'valid_until',
+    expect(shape.id).to.deep.equal({ column: 'token_id', type: 'uuid' });
+    expect(markerOf(shape)).to.deep.equal({ column: 'invalidated_at', kind: 'time' });
+    expect(shape.expiry).to.deep.include({
+      kind: 'column',
+      time: {
+        column: 'valid_until',
+        type: 'timestamp without time zone',
+        reading: { kind: 'naive', zone: 'UTC' },
+      },
     });
   });
 
@@ -94,12 +107,14 @@ describe('schema introspection', () => {
     await database.query('CREATE TABLE plain.bare (other integer)');
     const problems = await schemaProblems({ REFRESH_TOKENS_TABLE: 'plain.bare' });
     expect(problems).to.have.length(3);
-    expect(problems[0]).to.match(/plain\.bare has no column "id"\. Set REFRESH_TOKENS_ID_COLUMN/);
+    expect(problems[0]).to.match(
+      /plain\.bare has no column "revoked", "revoked_at", .*\. Set REFRESH_TOKENS_REVOKED_COLUMN/,
+    );
     expect(problems[1]).to.match(
-      /plain\.bare has no column "expires_at"\. Set REFRESH_TOKENS_EXPIRES_AT_COLUMN/,
+      /plain\.bare has no column "expires_at", "expiresAt", "expires"\. Set REFRESH_TOKENS_EXPIRES_AT_COLUMN/,
     );
     expect(problems[2]).to.match(
-      /plain\.bare has no column "revoked" or "revoked_at"\. Set REFRESH_TOKENS_REVOKED_COLUMN/,
+      /plain\.bare has no "id" column and no single-column primary key.* Set REFRESH_TOKENS_ID_COLUMN/,
     );
   });
 
@@ -117,10 +132,10 @@ describe('schema introspection', () => {
     await database.query(`CREATE TABLE plain.texty (id uuid, revoked text, expires_at date)`);
     const problems = await schemaProblems({ REFRESH_TOKENS_TABLE: 'plain.texty' });
     expect(problems).to.have.length(2);
-    expect(problems[0]).to.match(/plain\.texty\.expires_at is date, not a timestamp/);
-    expect(problems[1]).to.match(
-      /plain\.texty\.revoked is text; token-reaper understands a boolean or a timestamp/,
+    expect(problems[0]).to.match(
+      /plain\.texty\.revoked is text; a marker is a boolean or a timestamp/,
     );
+    expect(problems[1]).to.match(/plain\.texty\.expires_at is date, not a time/);
   });
 
   it('refuses a view', async () => {

@@ -4,9 +4,15 @@
 // run executes, and a refusal (exit 2) comes before the first statement.
 import pg from 'pg';
 import type { DatabasePool } from 'slonik';
-import { targetsOf, type Config, type PartitionConfig } from '../config.js';
+import type { Config, PartitionConfig } from '../config.js';
 import { SchemaError } from '../errors.js';
-import { describeTarget, qualifiedName, type Relation, type TableShape } from '../schema.js';
+import {
+  describeTarget,
+  expiryColumnName,
+  qualifiedName,
+  type Relation,
+  type TableShape,
+} from '../schema.js';
 import { PREMAKE_MARGIN_DAYS, partitionName, premakeHorizonDays } from '../sweep/partitions.js';
 import {
   conversionNames,
@@ -69,11 +75,18 @@ export async function planConversions(
   const plans: ConversionPlan[] = [];
   const skipped: string[] = [];
   const problems: string[] = [];
-  for (const target of targetsOf(config)) {
-    const shape = await describeTarget(pool, target);
+  for (const rule of config.targets) {
+    const shape = await describeTarget(pool, rule, config);
+    if (shape === null) continue;
+    if (expiryColumnName(shape) === null) {
+      skipped.push(
+        `${qualifiedName(shape.relation)} has no expiry column to partition by (its rule ${shape.expiry === null ? 'has no expiry' : 'computes the expiry from another column'}).`,
+      );
+      continue;
+    }
     if (shape.partitioned) {
       skipped.push(
-        `${qualifiedName(shape.relation)} is already partitioned${shape.partitionedByExpiry ? ` by ${shape.expiresAtColumn}, and the sweep drops its expired partitions` : ''}: there is nothing to convert.`,
+        `${qualifiedName(shape.relation)} is already partitioned${shape.partitionedByExpiry ? ` by ${expiryColumnName(shape)!}, and the sweep drops its expired partitions` : ''}: there is nothing to convert.`,
       );
       continue;
     }
@@ -105,7 +118,7 @@ function planConversion(facts: TableFacts, settings: PartitionConfig): Conversio
   const table = quote(shape.relation);
   const legacyRelation = { schema, name: names.legacy };
   const legacy = quote(legacyRelation);
-  const expiry = escapeIdentifier(shape.expiresAtColumn);
+  const expiry = escapeIdentifier(expiryColumnName(shape)!);
   const warnings: string[] = [];
   const problems: string[] = [];
   const where = qualifiedName(shape.relation);
@@ -151,10 +164,10 @@ function planConversion(facts: TableFacts, settings: PartitionConfig): Conversio
   }
 
   const primaryKey = facts.indexes.find((index) => index.primary)!;
-  const keyHasExpiry = primaryKey.keyColumns.includes(shape.expiresAtColumn);
+  const keyHasExpiry = primaryKey.keyColumns.includes(expiryColumnName(shape)!);
   const keyColumns = keyHasExpiry
     ? primaryKey.keyColumns
-    : [...primaryKey.keyColumns, shape.expiresAtColumn];
+    : [...primaryKey.keyColumns, expiryColumnName(shape)!];
   const keyIndex = keyIndexName(shape, primaryKey.keyColumns);
   const primaryKeyName = primaryKey.constraintName ?? primaryKey.name;
   const columnList = keyColumns.map(escapeIdentifier).join(', ');
@@ -191,7 +204,7 @@ function planConversion(facts: TableFacts, settings: PartitionConfig): Conversio
     );
     if (!index.unique) {
       parentIndexes.push(`CREATE INDEX ${escapeIdentifier(index.name)} ON ${table} ${tail};`);
-    } else if (index.keyColumns.includes(shape.expiresAtColumn)) {
+    } else if (index.keyColumns.includes(expiryColumnName(shape)!)) {
       parentIndexes.push(
         index.constraintName !== null
           ? `ALTER TABLE ${table} ADD CONSTRAINT ${escapeIdentifier(index.constraintName)} ${index.constraintDefinition};`
@@ -335,7 +348,7 @@ export function formatPlans(
   ];
   for (const plan of plans) {
     const lines = [
-      `-- ${plan.table} becomes partitioned by day of ${plan.facts.shape.expiresAtColumn}; the table itself becomes the partition ${qualifiedName(plan.legacy)}, without a copy.`,
+      `-- ${plan.table} becomes partitioned by day of ${expiryColumnName(plan.facts.shape)!}; the table itself becomes the partition ${qualifiedName(plan.legacy)}, without a copy.`,
       `-- The bound ${new Date(plan.bound).toISOString()} was computed now, on the database clock, from the latest expiry stored; a run computes it again.`,
       ...plan.warnings.map((warning) => `-- Warning: ${warning}`),
     ];

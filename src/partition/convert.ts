@@ -55,7 +55,7 @@ import {
   swapPreamble,
   type ConversionPlan,
 } from './conversion-plan.js';
-import { describeTarget, qualifiedName } from '../schema.js';
+import { describeTarget, expiryColumnName, qualifiedName } from '../schema.js';
 
 export interface ConvertOptions {
   config: Config;
@@ -151,13 +151,13 @@ async function convertTable(
     throw error;
   }
 
-  const shape = await describeTarget(pool, plan.facts.shape.target);
+  const shape = (await describeTarget(pool, plan.facts.shape.rule, config))!;
   if (!shape.partitionedByExpiry) {
     throw new Error(`${table} was converted but does not read as partitioned by its expiry`);
   }
   log.info(
     'partition.converted',
-    `${table} is partitioned by day of ${shape.expiresAtColumn}; the ACCESS EXCLUSIVE lock was held ${swapped.lockMs} ms`,
+    `${table} is partitioned by day of ${expiryColumnName(shape)!}; the ACCESS EXCLUSIVE lock was held ${swapped.lockMs} ms`,
     {
       table,
       legacyPartition: qualifiedName(plan.legacy),

@@ -5,7 +5,13 @@
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { indexName, truncateName } from '../install.js';
-import { qualifiedName, regclassOf, relationIdentifier, type TableShape } from '../schema.js';
+import {
+  expiryColumnName,
+  qualifiedName,
+  regclassOf,
+  relationIdentifier,
+  type TableShape,
+} from '../schema.js';
 
 export interface IndexFacts {
   name: string;
@@ -104,7 +110,7 @@ const clockRow = z.object({ now: z.number(), latest: z.number().nullable() });
 export async function readTableFacts(pool: DatabasePool, shape: TableShape): Promise<TableFacts> {
   const table = regclassOf(shape.relation);
   const where = qualifiedName(shape.relation);
-  const expiry = shape.expiresAtColumn;
+  const expiry = expiryColumnName(shape)!;
   const names = conversionNames(shape);
   const facts = await pool.one(sql.type(tableRow)`
     SELECT pg_get_userbyid(c.relowner) AS owner, current_user::text AS "currentUser",
@@ -232,7 +238,7 @@ export async function readTableFacts(pool: DatabasePool, shape: TableShape): Pro
   }
   if (!indexes.some((index) => index.primary)) {
     problems.push(
-      `${where} has no primary key; the partitioned table's key is built from it. Add one on ${shape.idColumn}, ${byHand}.`,
+      `${where} has no primary key; the partitioned table's key is built from it. Add one on ${shape.id?.column ?? 'id'}, ${byHand}.`,
     );
   }
   for (const constraint of constraints) {
@@ -332,7 +338,7 @@ export function conversionNames(shape: TableShape) {
       .toString() + legacySuffix;
   return {
     legacy,
-    check: truncateName(`${table}_${shape.expiresAtColumn}_bound`),
+    check: truncateName(`${table}_${expiryColumnName(shape)!}_bound`),
     /**
      * What an index of the table is called once it belongs to the legacy partition: the name
      * install gives a partition's index (`<partition>_<column>_idx`), so that the partitioned
@@ -348,7 +354,7 @@ export function conversionNames(shape: TableShape) {
 /** The unique (primary key columns…, expiry) index built before the swap. */
 export function keyIndexName(shape: TableShape, primaryKeyColumns: readonly string[]) {
   return truncateName(
-    `${shape.relation.name}_${[...primaryKeyColumns, shape.expiresAtColumn].join('_')}_key`,
+    `${shape.relation.name}_${[...primaryKeyColumns, expiryColumnName(shape)!].join('_')}_key`,
   );
 }
 

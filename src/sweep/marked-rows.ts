@@ -17,7 +17,7 @@
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { retryOnDeadlock } from '../db.js';
-import { markedPredicate } from '../predicates.js';
+import { deletion, markerIndexPredicate, purgeablePredicate } from '../predicates.js';
 import { relationIdentifier, type Relation, type TableShape } from '../schema.js';
 
 export const MARKED_ROWS_BATCH = 5_000;
@@ -42,7 +42,8 @@ export async function deleteMarkedRows(
   } = {},
 ): Promise<MarkedRowsResult> {
   const table = relationIdentifier(relation);
-  const marked = markedPredicate(shape);
+  const marked = purgeablePredicate(shape, relation);
+  const indexed = markerIndexPredicate(shape, relation) ?? sql.fragment`false`;
   if (options.mode === 'count') {
     const rows = await pool.oneFirst(
       sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${marked}`,
@@ -52,16 +53,20 @@ export async function deleteMarkedRows(
   let rows = 0;
   let batches = 0;
   for (;;) {
-    const result = await retryOnDeadlock(() =>
-      pool.query(sql.unsafe`
-      DELETE FROM ${table}
-      WHERE ctid = ANY(ARRAY(SELECT ctid FROM ${table} WHERE ${marked} LIMIT ${MARKED_ROWS_BATCH}))
-        AND coalesce(${marked}, false)
+    const batchRows = await retryOnDeadlock(() =>
+      pool.oneFirst(sql.type(countRow)`
+      ${deletion(shape, relation, {
+        where: sql.fragment`ctid = ANY(ARRAY(
+            SELECT ctid FROM ${table} WHERE ${indexed} AND ${marked} LIMIT ${MARKED_ROWS_BATCH}))
+          AND coalesce(${marked}, false)`,
+        returning: sql.fragment`1 AS one`,
+      })}
+      SELECT count(*)::int AS count FROM token_reaper_deleted
     `),
     );
-    options.onBatch?.(result.rowCount);
-    rows += result.rowCount;
+    options.onBatch?.(batchRows);
+    rows += batchRows;
     batches += 1;
-    if (result.rowCount < MARKED_ROWS_BATCH || options.signal?.aborted) return { rows, batches };
+    if (batchRows < MARKED_ROWS_BATCH || options.signal?.aborted) return { rows, batches };
   }
 }

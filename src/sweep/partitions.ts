@@ -22,7 +22,7 @@ import { z } from 'zod';
 import type { PartitionConfig } from '../config.js';
 import type { Logger } from '../logger.js';
 import { serializeError } from '../logger.js';
-import { deadPredicate } from '../predicates.js';
+import { expiryInstant } from '../predicates.js';
 import {
   qualifiedName,
   regclassOf,
@@ -30,6 +30,7 @@ import {
   type Relation,
   type TableShape,
 } from '../schema.js';
+import { instantOfBoundText, type TimeReading } from '../targets/time.js';
 import { deleteMarkedRows } from './marked-rows.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
 
@@ -110,10 +111,20 @@ const partitionRow = z.object({
   estimatedRows: z.number(),
 });
 
+/** How the partition key (the expiry column) is read: only time columns partition by expiry. */
+function keyReading(shape: TableShape): TimeReading {
+  if (shape.expiry?.kind !== 'column')
+    throw new Error('a table partitioned by expiry has an expiry column');
+  return shape.expiry.time.reading;
+}
+
 /** The direct partitions with their bounds, read on the database clock. */
 export async function listPartitions(pool: DatabasePool, shape: TableShape): Promise<Partition[]> {
-  // pg_get_expr prints a bound as `FOR VALUES FROM ('…') TO ('…')` in this session's
-  // TimeZone, and casting it back in the same session gives the exact instant.
+  // pg_get_expr prints a timestamptz bound as `FOR VALUES FROM ('…') TO ('…')` in this
+  // session's TimeZone, and casting it back in the same session gives the exact instant; a
+  // naive bound is a wall-clock time, read in the declared zone like the column's values.
+  const reading = keyReading(shape);
+  const keep = shape.keepExpiredForSeconds;
   const partitions = await pool.any(sql.type(partitionRow)`
     WITH bounds AS (
       SELECT n.nspname AS schema, c.relname AS name, c.reltuples,
@@ -127,17 +138,21 @@ export async function listPartitions(pool: DatabasePool, shape: TableShape): Pro
     ), typed AS (
       SELECT schema, name, is_default, reltuples,
              CASE WHEN lower_text IN ('MINVALUE') OR lower_text IS NULL THEN NULL
-                  ELSE btrim(lower_text, '''')::timestamptz END AS lower_bound,
+                  ELSE ${instantOfBoundText(sql.fragment`btrim(lower_text, '''')`, reading)} END AS lower_bound,
              CASE WHEN upper_text IN ('MAXVALUE') OR upper_text IS NULL THEN NULL
-                  ELSE btrim(upper_text, '''')::timestamptz END AS upper_bound
+                  ELSE ${instantOfBoundText(sql.fragment`btrim(upper_text, '''')`, reading)} END AS upper_bound
       FROM bounds
     )
     SELECT schema, name, is_default AS "isDefault",
            (extract(epoch FROM lower_bound) * 1000)::float8 AS lower,
            (extract(epoch FROM upper_bound) * 1000)::float8 AS upper,
-           coalesce(NOT is_default AND upper_bound <= now(), false) AS expired,
+           -- Expired: every row's expiry, plus the time expired rows are kept, has passed.
+           coalesce(NOT is_default AND upper_bound <= now() - make_interval(secs => ${keep}), false)
+             AS expired,
+           -- Current: the partitions that can hold both rows past that and rows not yet.
            coalesce(NOT is_default AND (lower_bound IS NULL OR lower_bound <= now())
-                    AND (upper_bound IS NULL OR upper_bound > now()), false) AS current,
+                    AND (upper_bound IS NULL OR upper_bound > now() - make_interval(secs => ${keep})),
+                    false) AS current,
            reltuples::float8 AS "estimatedRows"
     FROM typed
     ORDER BY upper_bound NULLS LAST, name
@@ -216,8 +231,8 @@ export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionS
       // These may hold expired rows too: walk them once for everything dead.
       const walked = await walkTidRanges({
         pool,
+        shape,
         relation: partition,
-        deadPredicate: deadPredicate(shape),
         batchPages: sweep.batchPages,
         concurrency: sweep.concurrency,
         mode,
@@ -272,9 +287,11 @@ async function planPartitions(
 ): Promise<PlannedPartition[]> {
   const clock = await pool.one(sql.type(z.object({ now: z.number(), longestMs: z.number() }))`
     SELECT (extract(epoch FROM now()) * 1000)::float8 AS now,
-           coalesce((extract(epoch FROM max(${sql.identifier([shape.expiresAtColumn])}) - now()) * 1000)::float8, 0)
-             AS "longestMs"
-    FROM ${relationIdentifier(shape.relation)}
+           coalesce((extract(epoch FROM max(expiry) - now()) * 1000)::float8, 0) AS "longestMs"
+    FROM (SELECT ${expiryInstant(shape, shape.relation)} AS expiry
+          FROM ${relationIdentifier(shape.relation)}) rows
+    -- An infinite expiry says nothing about how far ahead partitions are needed.
+    WHERE isfinite(expiry)
   `);
   const horizonDays = premakeHorizonDays(config.premakeDays, clock.longestMs);
   const horizon = clock.now + horizonDays * DAY_MS;
@@ -311,6 +328,19 @@ export function partitionName(table: string, lower: number, width: number) {
   return Buffer.from(table).subarray(0, room).toString() + suffix;
 }
 
+/**
+ * A bound as the partition key's type writes it: an instant for timestamptz, the wall-clock
+ * time in the declared zone for a naive key (converted by the database, like every reading).
+ */
+async function boundLiteral(pool: DatabasePool, epochMs: number, reading: TimeReading) {
+  const iso = new Date(epochMs).toISOString();
+  if (reading.kind !== 'naive') return iso;
+  return pool.oneFirst(sql.type(z.object({ bound: z.string() }))`
+    SELECT to_char(${iso}::timestamptz AT TIME ZONE ${reading.zone}::text,
+                   'YYYY-MM-DD"T"HH24:MI:SS.US') AS bound
+  `);
+}
+
 async function createPartition(
   pool: DatabasePool,
   shape: TableShape,
@@ -319,11 +349,13 @@ async function createPartition(
   log: Logger,
 ) {
   const name = `${shape.relation.schema}.${partition.name}`;
+  const [lower, upper] = await Promise.all(
+    [partition.lower, partition.upper].map((bound) => boundLiteral(pool, bound, keyReading(shape))),
+  );
   const statement = sql.unsafe`
     CREATE TABLE IF NOT EXISTS ${sql.identifier([shape.relation.schema, partition.name])}
     PARTITION OF ${relationIdentifier(shape.relation)}
-    FOR VALUES FROM (${sql.literalValue(new Date(partition.lower).toISOString())})
-               TO (${sql.literalValue(new Date(partition.upper).toISOString())})
+    FOR VALUES FROM (${sql.literalValue(lower!)}) TO (${sql.literalValue(upper!)})
   `;
   try {
     // PostgreSQL makes whoever creates a table its owner. Created as the daemon's own role, a

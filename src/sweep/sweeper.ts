@@ -9,12 +9,16 @@
 // so nothing can escape into node-cron or a signal handler and crash the daemon.
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
-import { targetsOf, type Config } from '../config.js';
+import type { Config } from '../config.js';
 import { createReaperEvents, type ReaperEvents } from '../events.js';
 import type { Logger } from '../logger.js';
-import { deadPredicate, recordsRevocations } from '../predicates.js';
 import { forgetRevocations, recordUnseenRevocations } from '../revocations.js';
-import { describeTarget, qualifiedName, type TableShape } from '../schema.js';
+import {
+  describeTarget,
+  qualifiedName,
+  recordsRevocationTimes,
+  type TableShape,
+} from '../schema.js';
 import { sweepPartitions, type PartitionReport } from './partitions.js';
 import { trackProgress, type ProgressTracker } from './progress.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
@@ -65,7 +69,7 @@ export const SWEEP_LOCK = { classId: 0x746b7270, objectId: 1 } as const;
 
 export interface SweeperDependencies {
   pool: DatabasePool;
-  config: Pick<Config, 'refreshTokens' | 'passwordResets' | 'sweep'>;
+  config: Pick<Config, 'targets' | 'naiveTimestampsTimezone' | 'sweep'>;
   logger: Logger;
   events?: ReaperEvents;
 }
@@ -104,7 +108,7 @@ export function createSweeper({
     // With a grace on a boolean column, a revoked row's time must be known before the sweep
     // can tell whether its grace has passed: rows revoked while no NOTIFY was heard get the
     // time they are first seen. Afterwards, the records of rows now gone are forgotten.
-    const recording = recordsRevocations(shape) && !dryRun;
+    const recording = recordsRevocationTimes(shape) && !dryRun;
     if (recording) {
       for (const leaf of shape.leaves) await recordUnseenRevocations(pool, shape, leaf);
     }
@@ -141,8 +145,8 @@ export function createSweeper({
     for (const leaf of shape.leaves) {
       const walked = await walkTidRanges({
         ...settings,
+        shape,
         relation: leaf,
-        deadPredicate: deadPredicate(shape),
         mode: dryRun ? 'count' : 'delete',
       });
       rows += walked.rows;
@@ -191,10 +195,12 @@ export function createSweeper({
           });
           const tables: Record<string, TableSweepResult> = {};
           let deleted = 0;
-          for (const target of targetsOf(config)) {
+          for (const rule of config.targets) {
             if (abort.signal.aborted) break;
             const tableStarted = performance.now();
-            const shape = await describeTarget(connection, target);
+            // Described again for every sweep: partitions come and go, tables are converted.
+            const shape = await describeTarget(connection, rule, config);
+            if (shape === null) continue;
             const result = await sweepTable(shape, dryRun);
             deleted += dryRun ? 0 : result.rows;
             tables[qualifiedName(shape.relation)] = {

@@ -11,10 +11,11 @@
 //
 // The same walk counts instead of deleting for a dry run, so `--dry-run` reads the table
 // exactly as gently as the real sweep would.
-import { sql, type DatabasePool, type FragmentSqlToken } from 'slonik';
+import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { retryOnDeadlock } from '../db.js';
-import { regclassOf, relationIdentifier, type Relation } from '../schema.js';
+import { deadPredicate, deletion } from '../predicates.js';
+import { regclassOf, relationIdentifier, type Relation, type TableShape } from '../schema.js';
 
 export type BatchMode = 'delete' | 'count';
 
@@ -29,8 +30,10 @@ export interface BatchReport {
 
 export interface TidRangeWalk {
   pool: DatabasePool;
+  /** The target, whose dead rule every batch re-checks. */
+  shape: TableShape;
+  /** The relation walked: the table, or one of its partitions. */
   relation: Relation;
-  deadPredicate: FragmentSqlToken;
   batchPages: number;
   /** Workers that claim ranges from one shared cursor, each on its own connection. */
   concurrency: number;
@@ -54,6 +57,7 @@ const countRow = z.object({ count: z.number() });
 export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult> {
   const { pool, relation, batchPages } = walk;
   const table = relationIdentifier(relation);
+  const dead = deadPredicate(walk.shape, relation);
   const pages = await pool.oneFirst(sql.type(pagesRow)`
     SELECT (pg_relation_size(${regclassOf(relation)})
             / current_setting('block_size')::int)::int AS pages
@@ -61,10 +65,12 @@ export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult>
   walk.onStart?.(pages);
 
   const runBatch = async (fromPage: number, toPage: number) => {
-    const range = sql.fragment`ctid >= ${`(${fromPage},0)`}::tid AND ctid < ${`(${toPage},0)`}::tid AND ${walk.deadPredicate}`;
+    const range = sql.fragment`ctid >= ${`(${fromPage},0)`}::tid AND ctid < ${`(${toPage},0)`}::tid AND ${dead}`;
     if (walk.mode === 'delete') {
-      const result = await pool.query(sql.unsafe`DELETE FROM ${table} WHERE ${range}`);
-      return result.rowCount;
+      return pool.oneFirst(sql.type(countRow)`
+        ${deletion(walk.shape, relation, { where: range, returning: sql.fragment`1 AS one` })}
+        SELECT count(*)::int AS count FROM token_reaper_deleted
+      `);
     }
     return pool.oneFirst(
       sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${range}`,

@@ -1,0 +1,206 @@
+// `token-reaper explain`: what token-reaper will do to each target, before it does anything.
+// It shows the rule as the SQL the sweep and the purge run (the same fragments, from
+// predicates.ts, with their values written in), how each time column is read, whether the
+// trigger and indexes are in place, and how many rows each part of the rule would delete now.
+// Every problem of every target comes in the same run; any problem makes the exit code 2.
+import { sql, type CommonQueryMethods, type FragmentSqlToken } from 'slonik';
+import { z } from 'zod';
+import type { Config } from './config.js';
+import { indexName } from './install.js';
+import {
+  deadPredicate,
+  expiredPredicate,
+  markedPredicate,
+  purgeablePredicate,
+} from './predicates.js';
+import {
+  inspectTargets,
+  markerColumn,
+  qualifiedName,
+  relationIdentifier,
+  type TableShape,
+} from './schema.js';
+import { describeReading } from './targets/time.js';
+
+export interface TargetExplanation {
+  target: string;
+  table: string;
+  layout: string;
+  id: string | null;
+  marker: string | null;
+  expiry: string | null;
+  keepExpiredFor: string | null;
+  sweepDeletes: string;
+  purgeDeletes: string | null;
+  trigger: 'installed' | 'missing' | 'not used';
+  indexes: { name: string; present: boolean }[];
+  counts: { rows: number; marked: number; expired: number; dead: number };
+  sideEffects: string[];
+  warnings: string[];
+}
+
+export interface Explanation {
+  targets: TargetExplanation[];
+  notes: string[];
+  problems: string[];
+}
+
+const countsRow = z.object({
+  rows: z.number(),
+  marked: z.number(),
+  expired: z.number(),
+  dead: z.number(),
+});
+
+export async function explainTargets(
+  connection: CommonQueryMethods,
+  config: Pick<Config, 'targets' | 'naiveTimestampsTimezone'>,
+): Promise<Explanation> {
+  const inspection = await inspectTargets(connection, config);
+  const targets: TargetExplanation[] = [];
+  for (const shape of inspection.shapes) targets.push(await explainShape(connection, shape));
+  return { targets, notes: [...inspection.notes], problems: [...inspection.problems] };
+}
+
+async function explainShape(
+  connection: CommonQueryMethods,
+  shape: TableShape,
+): Promise<TargetExplanation> {
+  const table = shape.relation;
+  const marked = markedPredicate(shape, table);
+  const expired = expiredPredicate(shape, table);
+  const dead = deadPredicate(shape, table);
+  const counts = await connection.one(sql.type(countsRow)`
+    SELECT count(*)::float8 AS rows,
+           count(*) FILTER (WHERE ${marked ?? sql.fragment`false`})::float8 AS marked,
+           count(*) FILTER (WHERE ${expired ?? sql.fragment`false`})::float8 AS expired,
+           count(*) FILTER (WHERE ${dead})::float8 AS dead
+    FROM ${relationIdentifier(table)}
+  `);
+  const indexNames = [
+    ...(shape.expiry
+      ? [
+          indexName(
+            table.name,
+            shape.expiry.kind === 'column' ? shape.expiry.time.column : shape.expiry.from.column,
+          ),
+        ]
+      : []),
+    ...(shape.notify && shape.marker ? [indexName(table.name, markerColumn(shape.marker))] : []),
+  ];
+  const present = new Set(
+    await connection.anyFirst(sql.type(z.object({ name: z.string() }))`
+      SELECT c.relname AS name FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = ${table.schema} AND c.relkind IN ('i', 'I')
+        AND c.relname = ANY(${sql.array(indexNames, 'text')})
+    `),
+  );
+  const marker = shape.marker;
+  const expiry = shape.expiry;
+  return {
+    target: shape.rule.label,
+    table: qualifiedName(table),
+    layout: shape.partitionedByExpiry
+      ? `partitioned by expiry, ${shape.leaves.length} partitions: expired ones are dropped whole`
+      : shape.partitioned
+        ? `partitioned, ${shape.leaves.length} partitions, swept one by one`
+        : 'a plain table, swept in TID-range batches',
+    id: shape.id ? `${shape.id.column} (${shape.id.type})` : null,
+    marker:
+      marker === null
+        ? null
+        : marker.kind === 'flag'
+          ? `${marker.column} (boolean): dead when ${marker.dead}` +
+            (marker.graceSeconds > 0
+              ? `, after a grace of ${seconds(marker.graceSeconds)} counted from ${marker.graceFrom ? `${marker.graceFrom.column} (${describeReading(marker.graceFrom)})` : 'the time token-reaper first sees it marked'}`
+              : '')
+          : `${describeReading(marker.time)}: dead once set and not in the future` +
+            (marker.graceSeconds > 0 ? `, plus a grace of ${seconds(marker.graceSeconds)}` : ''),
+    expiry:
+      expiry === null
+        ? null
+        : expiry.kind === 'column'
+          ? `${expiry.time.column} (${describeReading(expiry.time)})`
+          : expiry.kind === 'lifetime'
+            ? `${expiry.from.column} (${describeReading(expiry.from)}) + ${seconds(expiry.lifetimeSeconds)}`
+            : `${expiry.from.column} (${describeReading(expiry.from)}) + ${expiry.secondsColumn} seconds`,
+    keepExpiredFor: shape.keepExpiredForSeconds > 0 ? seconds(shape.keepExpiredForSeconds) : null,
+    sweepDeletes: inline(dead),
+    purgeDeletes: shape.notify ? inline(purgeablePredicate(shape, table)) : null,
+    trigger: !shape.notify ? 'not used' : shape.revokeTriggerInstalled ? 'installed' : 'missing',
+    indexes: indexNames.map((name) => ({ name, present: present.has(name) })),
+    counts,
+    sideEffects: [...shape.sideEffects],
+    warnings: [
+      ...shape.warnings,
+      ...(shape.notify && !shape.revokeTriggerInstalled
+        ? [
+            'the revoke trigger is not installed, so revoked rows wait for the sweep: run token-reaper install',
+          ]
+        : []),
+      ...indexNames
+        .filter((name) => !present.has(name))
+        .map((name) => `the index ${name} is missing: run token-reaper install`),
+    ],
+  };
+}
+
+/** A fragment with its bound values written in, as a person reads it. */
+function inline(fragment: FragmentSqlToken): string {
+  return fragment.sql
+    .replace(/\$slonik_(\d+)|\$(\d+)/g, (_match, slonik?: string, plain?: string) => {
+      const value = fragment.values[Number(slonik ?? plain) - 1];
+      return typeof value === 'string' ? `'${value.replace(/'/g, "''")}'` : String(value);
+    })
+    .replace(/\s+/g, ' ')
+    .trim();
+}
+
+function seconds(total: number): string {
+  const units: [number, string][] = [
+    [86_400, 'day'],
+    [3_600, 'hour'],
+    [60, 'minute'],
+    [1, 'second'],
+  ];
+  for (const [size, unit] of units) {
+    if (total % size === 0 && total >= size) {
+      const count = total / size;
+      return `${count} ${unit}${count === 1 ? '' : 's'}`;
+    }
+  }
+  return `${total} seconds`;
+}
+
+/** The explanation for a terminal. */
+export function formatExplanation(explanation: Explanation): string {
+  const lines: string[] = [];
+  for (const target of explanation.targets) {
+    lines.push(`${target.target}: ${target.table}`);
+    const row = (label: string, value: string | null) => {
+      if (value !== null) lines.push(`  ${label.padEnd(16)}${value}`);
+    };
+    row('layout', target.layout);
+    row('id', target.id);
+    row('marker', target.marker);
+    row('expiry', target.expiry);
+    row('kept expired', target.keepExpiredFor);
+    row('sweep deletes', `WHERE ${target.sweepDeletes}`);
+    row('purge deletes', target.purgeDeletes === null ? null : `WHERE ${target.purgeDeletes}`);
+    row('revoke trigger', target.trigger);
+    for (const index of target.indexes) {
+      row('index', `${index.name}: ${index.present ? 'in place' : 'missing'}`);
+    }
+    row(
+      'now',
+      `${target.counts.dead} of ${target.counts.rows} rows dead (${target.counts.marked} marked, ${target.counts.expired} expired)`,
+    );
+    for (const effect of target.sideEffects) row('side effect', effect);
+    for (const warning of target.warnings) row('warning', warning);
+    lines.push('');
+  }
+  for (const note of explanation.notes) lines.push(`note: ${note}`);
+  for (const problem of explanation.problems) lines.push(`problem: ${problem}`);
+  return `${lines.join('\n').trimEnd()}\n`;
+}
