@@ -621,9 +621,13 @@ async function nearTables(
     ORDER BY n.nspname, c.relname
   `);
   const wanted = new Set(candidates.map((candidate) => foldName(candidate.name)));
-  return tables
-    .filter((table) => wanted.has(foldName(table.name)))
-    .map((table) => (table.schema === 'public' ? table.name : `${table.schema}.${table.name}`));
+  const near = tables.filter((table) => wanted.has(foldName(table.name)));
+  // A schema that was named narrows the suggestions to it, when it has any.
+  const schemas = new Set(candidates.map((candidate) => candidate.schema));
+  const inSchema = near.filter((table) => schemas.has(table.schema));
+  return (inSchema.length > 0 ? inSchema : near).map((table) =>
+    table.schema === 'public' ? table.name : `${table.schema}.${table.name}`,
+  );
 }
 
 function nearColumns(name: string, columns: readonly { name: string }[]) {

@@ -42,25 +42,26 @@ export interface MarkerRule {
   readonly graceFrom: string | null;
 }
 
-export type ExpiryRule = /** A time column, or an integer of epoch seconds or milliseconds. */
-(
-  | {
-      readonly kind: 'column';
-      readonly column: ColumnChoice;
-      readonly unit: 'seconds' | 'milliseconds' | null;
-    }
-  /** A base time plus a fixed lifetime: Laravel's resets are `created_at` + 60 minutes. */
-  | { readonly kind: 'lifetime'; readonly from: string; readonly lifetimeSeconds: number }
-  /** A base time plus a per-row number of seconds: Doorkeeper's `created_at` + `expires_in`. */
-  | { readonly kind: 'lifetimeColumn'; readonly from: string; readonly secondsColumn: string }
-) & {
-  /**
-   * A column that, while set (not NULL), keeps the row from expiring: Doorkeeper keeps the
-   * refresh token in the access token's row, and an expired access token with a refresh token
-   * is still a live refresh token.
-   */
-  readonly unlessSet: string | null;
-};
+export type ExpiryRule =
+  /** A time column, or an integer of epoch seconds or milliseconds. */
+  (
+    | {
+        readonly kind: 'column';
+        readonly column: ColumnChoice;
+        readonly unit: 'seconds' | 'milliseconds' | null;
+      }
+    /** A base time plus a fixed lifetime: Laravel's resets are `created_at` + 60 minutes. */
+    | { readonly kind: 'lifetime'; readonly from: string; readonly lifetimeSeconds: number }
+    /** A base time plus a per-row number of seconds: Doorkeeper's `created_at` + `expires_in`. */
+    | { readonly kind: 'lifetimeColumn'; readonly from: string; readonly secondsColumn: string }
+  ) & {
+    /**
+     * A column that, while set (not NULL), keeps the row from expiring: Doorkeeper keeps the
+     * refresh token in the access token's row, and an expired access token with a refresh token
+     * is still a live refresh token.
+     */
+    readonly unlessSet: string | null;
+  };
 
 /** Where a setting of the target is written, so a problem names what to change. */
 export interface TargetKnobs {
