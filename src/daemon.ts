@@ -10,7 +10,7 @@ import type { Logger } from './logger.js';
 import { createListener, type Listener } from './listener.js';
 import { createPurger, routeNotification, type Purger } from './purge.js';
 import { startSchedule, type Schedule } from './scheduler.js';
-import { describeTargetsToRun, markerColumn, qualifiedName } from './schema.js';
+import { describeTargetsToRun, expiryTimeColumn, markerColumn, qualifiedName } from './schema.js';
 import { describeReading } from './targets/time.js';
 import {
   createSweeper,
@@ -111,12 +111,7 @@ export function createDaemon({
         table: qualifiedName(shape.relation),
         target: shape.rule.label,
         marker: shape.marker ? markerColumn(shape.marker) : null,
-        expiry:
-          shape.expiry === null
-            ? null
-            : describeReading(
-                shape.expiry.kind === 'column' ? shape.expiry.time : shape.expiry.from,
-              ),
+        expiry: shape.expiry === null ? null : describeReading(expiryTimeColumn(shape.expiry)),
         notify: shape.notify,
         partitioned: shape.partitioned,
       })),

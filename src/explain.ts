@@ -6,20 +6,14 @@
 import { sql, type CommonQueryMethods, type FragmentSqlToken } from 'slonik';
 import { z } from 'zod';
 import type { Config } from './config.js';
-import { indexName } from './install.js';
+import { targetIndexes } from './install.js';
 import {
   deadPredicate,
   expiredPredicate,
   markedPredicate,
   purgeablePredicate,
 } from './predicates.js';
-import {
-  inspectTargets,
-  markerColumn,
-  qualifiedName,
-  relationIdentifier,
-  type TableShape,
-} from './schema.js';
+import { inspectTargets, qualifiedName, relationIdentifier, type TableShape } from './schema.js';
 import { describeReading } from './targets/time.js';
 
 export interface TargetExplanation {
@@ -77,17 +71,10 @@ async function explainShape(
            count(*) FILTER (WHERE ${dead})::float8 AS dead
     FROM ${relationIdentifier(table)}
   `);
-  const indexNames = [
-    ...(shape.expiry
-      ? [
-          indexName(
-            table.name,
-            shape.expiry.kind === 'column' ? shape.expiry.time.column : shape.expiry.from.column,
-          ),
-        ]
-      : []),
-    ...(shape.notify && shape.marker ? [indexName(table.name, markerColumn(shape.marker))] : []),
-  ];
+  const indexes = targetIndexes(shape);
+  const indexNames = [indexes.expiry?.name, indexes.marker?.name].filter(
+    (name): name is string => name !== undefined,
+  );
   const present = new Set(
     await connection.anyFirst(sql.type(z.object({ name: z.string() }))`
       SELECT c.relname AS name FROM pg_catalog.pg_class c

@@ -20,7 +20,13 @@ import { escapeIdentifier, escapeLiteral } from 'pg';
 import type { Config } from './config.js';
 import { NewerSchemaVersionError } from './errors.js';
 import type { Logger } from './logger.js';
-import { markerColumn, qualifiedName, type Relation, type TableShape } from './schema.js';
+import {
+  expiryTimeColumn,
+  markerColumn,
+  qualifiedName,
+  type Relation,
+  type TableShape,
+} from './schema.js';
 import { SWEEP_LOCK } from './sweep/sweeper.js';
 
 export const SQL_DIRECTORY = fileURLToPath(new URL('../sql/', import.meta.url));
@@ -101,10 +107,20 @@ function inScope(file: SqlFile, shape: TableShape) {
   return file.scope === 'notify' ? shape.notify && shape.marker !== null : shape.expiry !== null;
 }
 
-/** The column the expiry index is on: the expiry column, or the time a lifetime counts from. */
-function expiryIndexColumn(shape: TableShape): string {
-  const expiry = shape.expiry!;
-  return expiry.kind === 'column' ? expiry.time.column : expiry.from.column;
+/**
+ * The indexes install builds on a target (or on one of its partitions, `table`): on the expiry's
+ * time column, and the partial index on marked rows for a target with the revoke trigger.
+ */
+export function targetIndexes(shape: TableShape, table: Relation = shape.relation) {
+  const expiryColumn = shape.expiry ? expiryTimeColumn(shape.expiry).column : null;
+  const marker = shape.notify && shape.marker ? markerColumn(shape.marker) : null;
+  return {
+    expiry:
+      expiryColumn === null
+        ? null
+        : { column: expiryColumn, name: indexName(table.name, expiryColumn) },
+    marker: marker === null ? null : { column: marker, name: indexName(table.name, marker) },
+  };
 }
 
 /**
@@ -123,17 +139,17 @@ export function templateVariables(
   variables.set('table', { identifier: table.name });
   variables.set('qualified_name', { literal: qualifiedName(shape.relation) });
   if (shape.id) variables.set('id_column', { identifier: shape.id.column });
-  if (shape.expiry) {
-    const column = expiryIndexColumn(shape);
-    variables.set('expiry_column', { identifier: column });
-    variables.set('expiry_index', { identifier: indexName(table.name, column) });
+  const indexes = targetIndexes(shape, table);
+  if (indexes.expiry) {
+    variables.set('expiry_column', { identifier: indexes.expiry.column });
+    variables.set('expiry_index', { identifier: indexes.expiry.name });
   }
+  if (indexes.marker) variables.set('marker_index', { identifier: indexes.marker.name });
   const marker = shape.marker;
   if (marker) {
     const name = markerColumn(marker);
     const column = escapeIdentifier(name);
     variables.set('marker_column', { identifier: name });
-    variables.set('marker_index', { identifier: indexName(table.name, name) });
     // The marked rows, in the form the catch-up repeats (predicates.ts, markerIndexPredicate).
     variables.set('marker_index_predicate', {
       fragment:

@@ -306,6 +306,7 @@ async function describeRule(
 
   // How a time column is read; a naive one needs a declared zone.
   const zone = rule.timezone ?? naiveZone;
+  let readsNaive = false;
   const timeColumn = (
     name: string,
     knob: string,
@@ -327,6 +328,7 @@ async function describeRule(
         );
         return null;
       }
+      readsNaive = true;
       return { column: name, type: column.type, reading: { kind: 'naive', zone } };
     }
     if (EPOCH_TYPES.includes(column.baseType)) {
@@ -453,22 +455,20 @@ async function describeRule(
     );
   }
 
-  if (zone !== null && !zones.has(zone)) {
-    zones.set(
-      zone,
-      await connection.exists(
-        sql.unsafe`SELECT 1 FROM pg_catalog.pg_timezone_names WHERE name = ${zone}`,
-      ),
-    );
-  }
-  if (
-    zone !== null &&
-    zones.get(zone) === false &&
-    columns.some((c) => c.baseType === TIMESTAMP_WITHOUT_TIME_ZONE)
-  ) {
-    problems.push(
-      `the time zone ${JSON.stringify(zone)} (${rule.knobs.timezone}) is not known to this PostgreSQL server (pg_timezone_names). Use a zone it knows, such as UTC.`,
-    );
+  if (zone !== null && readsNaive) {
+    if (!zones.has(zone)) {
+      zones.set(
+        zone,
+        await connection.exists(
+          sql.unsafe`SELECT 1 FROM pg_catalog.pg_timezone_names WHERE name = ${zone}`,
+        ),
+      );
+    }
+    if (!zones.get(zone)) {
+      problems.push(
+        `the time zone ${JSON.stringify(zone)} (${rule.knobs.timezone}) is not known to this PostgreSQL server (pg_timezone_names). Use a zone it knows, such as UTC.`,
+      );
+    }
   }
 
   const partitioned = relation.kind === 'p';
@@ -726,6 +726,11 @@ async function readReferences(
     }
   }
   return { references, sideEffects };
+}
+
+/** The time column an expiry is read from: the expiry column, or the one a lifetime counts from. */
+export function expiryTimeColumn(expiry: Expiry): TimeColumn {
+  return expiry.kind === 'column' ? expiry.time : expiry.from;
 }
 
 /** The expiry column, when the rule's expiry is a column (the key of partitioning by expiry). */

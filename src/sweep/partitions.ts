@@ -22,15 +22,15 @@ import { z } from 'zod';
 import type { PartitionConfig } from '../config.js';
 import type { Logger } from '../logger.js';
 import { serializeError } from '../logger.js';
-import { expiryInstant } from '../predicates.js';
 import {
+  expiryColumnName,
   qualifiedName,
   regclassOf,
   relationIdentifier,
   type Relation,
   type TableShape,
 } from '../schema.js';
-import { instantOfBoundText, type TimeReading } from '../targets/time.js';
+import { instantOfBoundText, instantOfValue, type TimeReading } from '../targets/time.js';
 import { deleteMarkedRows } from './marked-rows.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
 
@@ -285,13 +285,17 @@ async function planPartitions(
   partitions: readonly Partition[],
   config: PartitionConfig,
 ): Promise<PlannedPartition[]> {
+  const reading = keyReading(shape);
+  const column = sql.identifier([expiryColumnName(shape)!]);
   const clock = await pool.one(sql.type(z.object({ now: z.number(), longestMs: z.number() }))`
     SELECT (extract(epoch FROM now()) * 1000)::float8 AS now,
-           coalesce((extract(epoch FROM max(expiry) - now()) * 1000)::float8, 0) AS "longestMs"
-    FROM (SELECT ${expiryInstant(shape, shape.relation)} AS expiry
-          FROM ${relationIdentifier(shape.relation)}) rows
-    -- An infinite expiry says nothing about how far ahead partitions are needed.
-    WHERE isfinite(expiry)
+           coalesce((extract(epoch FROM ${instantOfValue(sql.fragment`latest`, reading)} - now()) * 1000)::float8, 0)
+             AS "longestMs"
+    -- max() of the column itself, which the expiry index answers without a scan; the reading
+    -- is monotonic, so the latest value is the latest instant. An infinite expiry says
+    -- nothing about how far ahead partitions are needed.
+    FROM (SELECT max(${column}) AS latest FROM ${relationIdentifier(shape.relation)}
+          WHERE isfinite(${column})) latest
   `);
   const horizonDays = premakeHorizonDays(config.premakeDays, clock.longestMs);
   const horizon = clock.now + horizonDays * DAY_MS;
