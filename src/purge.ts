@@ -45,8 +45,11 @@ export type CatchUpReason = 'connected' | 'bad_payload' | 'queue_full' | 'grace_
 export interface Purger {
   /** The names a payload for this table carries: the table's, and its partitions'. */
   readonly tables: ReadonlySet<string>;
-  /** Validates a parsed NOTIFY payload and queues its id; a bad one is logged and caught up. */
-  receive(payload: PayloadFields): void;
+  /**
+   * Validates a parsed NOTIFY payload and queues its id. Returns why a payload is not a
+   * revocation of this table's (routeNotification logs it and asks for a catch-up), or null.
+   */
+  receive(payload: PayloadFields): string | null;
   /** Deletes every revoked row now in the table; resolves with the count once it has. */
   catchUp(reason: CatchUpReason): Promise<number>;
   /** Stops taking work and waits for the DELETE in flight, which commits or rolls back whole. */
@@ -298,18 +301,11 @@ export function createPurger({
   return {
     tables: payloadTables(shape),
     receive(payload) {
-      if (stopped) return;
+      if (stopped) return null;
       const parsed = validateRevocation(payload, shape);
-      if ('problem' in parsed) {
-        listenerLog.warn('listener.bad_payload', `ignored a notification: ${parsed.problem}`, {
-          table: tableName,
-          problem: parsed.problem,
-        });
-        void requestCatchUp('bad_payload');
-        return;
-      }
+      if ('problem' in parsed) return parsed.problem;
       // A catch-up that has not started yet deletes this row too.
-      if (queueFull) return;
+      if (queueFull) return null;
       if (queue.size >= MAXIMUM_QUEUED_IDS && !queue.has(parsed.id)) {
         queueFull = true;
         log.warn('purge.queue_full', 'too many revocations queued; a catch-up deletes them', {
@@ -321,12 +317,13 @@ export function createPurger({
         // produce batches that find nothing.
         queue.clear();
         void requestCatchUp('queue_full');
-        return;
+        return null;
       }
       // A timestamp column keeps its own revocation time: with a grace, nothing to do now.
-      if (grace > 0 && !recording) return;
+      if (grace > 0 && !recording) return null;
       if (!queue.has(parsed.id)) queue.set(parsed.id, parsed.revokedAt);
       start();
+      return null;
     },
     catchUp: (reason) => (stopped ? Promise.resolve(0) : requestCatchUp(reason)),
     async stop() {
@@ -343,8 +340,9 @@ export function createPurger({
 
 /**
  * One LISTEN channel serves every target with the trigger: the payload names its table, and
- * goes to that table's purger. A payload that names no target's table is logged, and every
- * purger catches up, since nothing in it can be trusted.
+ * goes to that table's purger. A bad payload is logged here, the one place, and caught up:
+ * by its table's purger when it names one, else by every purger, since nothing in it can be
+ * trusted.
  */
 export function routeNotification(
   payload: string | undefined,
@@ -354,14 +352,17 @@ export function routeNotification(
   const parsed = parsePayload(payload);
   const table = 'fields' in parsed ? parsed.fields.table : undefined;
   const purger = purgers.find((candidate) => candidate.tables.has(String(table)));
-  if (!('fields' in parsed) || purger === undefined) {
-    // Never the payload itself: its id may be a token hash. Its length and the reason only.
-    logger.child('listener').warn('listener.bad_payload', 'ignored a notification', {
-      problem: 'problem' in parsed ? parsed.problem : 'payload names another table, or none',
-      length: payload?.length ?? 0,
-    });
-    for (const each of purgers) void each.catchUp('bad_payload');
-    return;
-  }
-  purger.receive(parsed.fields);
+  const problem =
+    'problem' in parsed
+      ? parsed.problem
+      : purger === undefined
+        ? 'payload names another table, or none'
+        : purger.receive(parsed.fields);
+  if (problem === null) return;
+  // Never the payload itself: its id may be a token hash. Its length and the reason only.
+  logger.child('listener').warn('listener.bad_payload', `ignored a notification: ${problem}`, {
+    problem,
+    length: payload?.length ?? 0,
+  });
+  for (const each of purger ? [purger] : purgers) void each.catchUp('bad_payload');
 }

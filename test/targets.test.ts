@@ -189,14 +189,14 @@ describe('targets', () => {
       });
       // Run as a role that does not bypass row-level security.
       await database.query(
-        `DO $$ BEGIN CREATE ROLE reaper_norls LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$`,
+        `DO $$ BEGIN CREATE ROLE reaper_norls LOGIN PASSWORD 'reaper_norls'; EXCEPTION WHEN duplicate_object THEN NULL; END $$`,
       );
       await database.query(
         `GRANT USAGE ON SCHEMA bad TO reaper_norls; GRANT SELECT, DELETE ON ALL TABLES IN SCHEMA bad TO reaper_norls`,
       );
       const url = new URL(database.url);
       url.username = 'reaper_norls';
-      url.password = '';
+      url.password = 'reaper_norls';
       const schema = await runCli(['explain', '--config', fixed.path], {
         DATABASE_URL: url.toString(),
       });
