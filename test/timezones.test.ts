@@ -7,8 +7,8 @@ import { expect } from 'chai';
 import pg from 'pg';
 import { createPurger, routeNotification } from '../src/purge.js';
 import { useTestDatabase } from './support/database.js';
-import { waitFor } from './support/cli.js';
-import { finishedSweep, targetsHarness } from './support/targets.js';
+import { runCli, waitFor } from './support/cli.js';
+import { finishedSweep, targetsHarness, writeTargetsFile } from './support/targets.js';
 
 interface ColumnCase {
   name: string;
@@ -301,6 +301,67 @@ for (const databaseZone of ['Pacific/Kiritimati', 'Pacific/Pago_Pago']) {
       } finally {
         await harness.close();
       }
+    });
+
+    it('converts a plain table with a naive expiry to partitions on the declared zone, then sweeps it', async () => {
+      await client.query(`DROP TABLE IF EXISTS la_plain`);
+      await client.query(
+        `CREATE TABLE la_plain (id bigint PRIMARY KEY, revoked_at timestamp, expires_at timestamp NOT NULL)`,
+      );
+      const column: ColumnCase = { name: 'la', type: 'timestamp', zone: 'America/Los_Angeles' };
+      // Enough rows for more than 128 pages, so that the conversion proves the bound with a
+      // CHECK written in the column's own wall-clock time; and a row that expired forever ago.
+      const rows = makeRows(1, 30_000);
+      await client.query(
+        `INSERT INTO la_plain (id, revoked_at, expires_at)
+         SELECT rows.id,
+                CASE WHEN rows.revoked IS NULL THEN NULL ELSE ${written(column, 'rows.revoked')} END,
+                ${written(column, 'rows.expires')}
+         FROM unnest($1::bigint[], $2::int[], $3::int[]) AS rows (id, expires, revoked)`,
+        [rows.map((row) => row.id), rows.map((row) => row.expires), rows.map((row) => row.revoked)],
+      );
+      await client.query(`INSERT INTO la_plain VALUES (40001, NULL, '-infinity')`);
+      const targets = [
+        {
+          table: 'la_plain',
+          marker: { column: 'revoked_at' },
+          expiry: { column: 'expires_at' },
+          timezone: 'America/Los_Angeles',
+        },
+      ];
+      const file = await writeTargetsFile({ targets });
+      try {
+        const conversion = await runCli(['partition', 'convert', '--config', file.path], {
+          DATABASE_URL: database.url,
+        });
+        expect(conversion.code, conversion.stderr + conversion.stdout).to.equal(0);
+      } finally {
+        await file.remove();
+      }
+      const count = await client.query<{ n: string }>('SELECT count(*) AS n FROM la_plain');
+      expect(Number(count.rows[0]!.n)).to.equal(rows.length + 1);
+      // The legacy partition ends at a UTC midnight, written as Los Angeles wall-clock time.
+      const bound = await client.query<{ matches: boolean }>(
+        `SELECT ((substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \\(''(.*)''\\)')::timestamp
+                  AT TIME ZONE 'America/Los_Angeles') AT TIME ZONE 'UTC')::time = '00:00' AS matches
+         FROM pg_class c WHERE c.relname = 'la_plain_legacy'`,
+      );
+      expect(bound.rows[0]!.matches).to.equal(true);
+
+      const harness = await targetsHarness(database.url, targets);
+      try {
+        const outcome = finishedSweep(await harness.sweeper.sweep('cli'));
+        expect(outcome.tables['public.la_plain']!.partitions).to.not.equal(undefined);
+      } finally {
+        await harness.close();
+      }
+      const remaining = await client.query<{ id: string }>('SELECT id FROM la_plain');
+      expect(remaining.rows.map((row) => Number(row.id)).sort((a, b) => a - b)).to.deep.equal([
+        ...rows
+          .filter((row) => !dead(row))
+          .map((row) => row.id)
+          .sort((a, b) => a - b),
+      ]);
     });
   });
 }

@@ -3,7 +3,8 @@
 // catalog and the database clock before anything changes, so `--print` shows exactly what a
 // run executes, and a refusal (exit 2) comes before the first statement.
 import pg from 'pg';
-import type { DatabasePool } from 'slonik';
+import { sql, type DatabasePool } from 'slonik';
+import { z } from 'zod';
 import type { Config, PartitionConfig } from '../config.js';
 import { SchemaError } from '../errors.js';
 import {
@@ -13,7 +14,12 @@ import {
   type Relation,
   type TableShape,
 } from '../schema.js';
-import { PREMAKE_MARGIN_DAYS, partitionName, premakeHorizonDays } from '../sweep/partitions.js';
+import {
+  keyReading,
+  PREMAKE_MARGIN_DAYS,
+  partitionName,
+  premakeHorizonDays,
+} from '../sweep/partitions.js';
 import {
   conversionNames,
   keyIndexName,
@@ -107,11 +113,58 @@ export async function planTable(
 ): Promise<ConversionPlan | string> {
   const facts = await readTableFacts(pool, shape);
   if (facts.problems.length > 0) return facts.problems.join('\n');
-  const plan = planConversion(facts, settings);
+  const plan = planConversion(facts, settings, await boundWriter(pool, facts, settings));
   return plan.problems.length > 0 ? plan.problems.join('\n') : plan;
 }
 
-function planConversion(facts: TableFacts, settings: PartitionConfig): ConversionPlan {
+/** How the plan writes a bound (always a UTC midnight, in epoch ms) for the key's type. */
+interface BoundWriter {
+  literal(epochMs: number): string;
+  /** The key's type, for the CHECK's literal. */
+  cast: 'timestamptz' | 'timestamp';
+}
+
+/**
+ * An instant is written as itself. A naive key holds wall-clock times in the declared zone,
+ * so each UTC midnight the plan can use is read in that zone by the database, once, before
+ * planning: the conversion is the database's, like every other reading of the column.
+ */
+async function boundWriter(
+  pool: DatabasePool,
+  facts: TableFacts,
+  settings: PartitionConfig,
+): Promise<BoundWriter> {
+  const reading = keyReading(facts.shape);
+  if (reading.kind !== 'naive') return { literal: timestampLiteral, cast: 'timestamptz' };
+  const { now } = facts.clock;
+  const longestMs = Math.max(0, (facts.clock.latest ?? now) - now);
+  const lifetimeMs = Math.max(longestMs, (settings.premakeDays ?? 0) * DAY_MS);
+  const horizonMs = premakeHorizonDays(settings.premakeDays, longestMs) * DAY_MS;
+  // Every midnight planConversion can reach: the bound, and the days from it to the horizon.
+  const first = Math.floor(now / DAY_MS) * DAY_MS;
+  const last = first + Math.max(lifetimeMs + 3 * DAY_MS, horizonMs + 2 * DAY_MS);
+  const rows = await pool.any(sql.type(z.object({ epochMs: z.number(), wallClock: z.string() }))`
+    SELECT midnight::float8 AS "epochMs",
+           to_char(to_timestamp(midnight / 1000.0) AT TIME ZONE ${reading.zone}::text,
+                   'YYYY-MM-DD HH24:MI:SS') AS "wallClock"
+    FROM generate_series(${first}::bigint, ${last}::bigint, ${DAY_MS}::bigint) midnight
+  `);
+  const wallClock = new Map(rows.map((row) => [row.epochMs, row.wallClock]));
+  return {
+    literal(epochMs) {
+      const text = wallClock.get(epochMs);
+      if (text === undefined) throw new Error(`no wall-clock reading for ${epochMs}`);
+      return escapeLiteral(text);
+    },
+    cast: 'timestamp',
+  };
+}
+
+function planConversion(
+  facts: TableFacts,
+  settings: PartitionConfig,
+  bounds: BoundWriter,
+): ConversionPlan {
   const { shape } = facts;
   const { schema } = shape.relation;
   const names = conversionNames(shape);
@@ -221,12 +274,12 @@ function planConversion(facts: TableFacts, settings: PartitionConfig): Conversio
     }
   }
 
-  const boundLiteral = timestampLiteral(bound);
+  const boundLiteral = bounds.literal(bound);
   const check = useCheck
     ? {
         name: names.check,
         // Dropped first: an earlier run that stopped may have left one with another bound.
-        add: `ALTER TABLE ${table} DROP CONSTRAINT IF EXISTS ${escapeIdentifier(names.check)}, ADD CONSTRAINT ${escapeIdentifier(names.check)} CHECK (${expiry} < ${boundLiteral}::timestamptz) NOT VALID;`,
+        add: `ALTER TABLE ${table} DROP CONSTRAINT IF EXISTS ${escapeIdentifier(names.check)}, ADD CONSTRAINT ${escapeIdentifier(names.check)} CHECK (${expiry} < ${boundLiteral}::${bounds.cast}) NOT VALID;`,
         validate: `ALTER TABLE ${table} VALIDATE CONSTRAINT ${escapeIdentifier(names.check)};`,
         drop: `ALTER TABLE ${table} DROP CONSTRAINT IF EXISTS ${escapeIdentifier(names.check)};`,
       }
@@ -239,7 +292,7 @@ function planConversion(facts: TableFacts, settings: PartitionConfig): Conversio
     const partition = { schema, name: partitionName(shape.relation.name, lower, DAY_MS) };
     partitionsCreated.push(qualifiedName(partition));
     return [
-      `CREATE TABLE ${quote(partition)} PARTITION OF ${table} FOR VALUES FROM (${timestampLiteral(lower)}) TO (${timestampLiteral(lower + DAY_MS)});`,
+      `CREATE TABLE ${quote(partition)} PARTITION OF ${table} FOR VALUES FROM (${bounds.literal(lower)}) TO (${bounds.literal(lower + DAY_MS)});`,
       ...(changeOwner ? [`ALTER TABLE ${quote(partition)} OWNER TO ${owner};`] : []),
     ];
   });

@@ -5,6 +5,8 @@
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { indexName, truncateName } from '../install.js';
+import { keyReading } from '../sweep/partitions.js';
+import { instantOfValue } from '../targets/time.js';
 import {
   expiryColumnName,
   qualifiedName,
@@ -218,17 +220,20 @@ export async function readTableFacts(pool: DatabasePool, shape: TableShape): Pro
     CROSS JOIN LATERAL aclexplode(a.attacl) acl
     WHERE c.oid = ${table} AND acl.grantee <> c.relowner
   `);
+  // The latest expiry as an instant; an infinite one says nothing about token lifetimes.
+  const reading = keyReading(shape);
   const clock = await pool.one(sql.type(clockRow)`
     SELECT (extract(epoch FROM now()) * 1000)::float8 AS now,
-           (extract(epoch FROM max(${sql.identifier([expiry])})) * 1000)::float8 AS latest
-    FROM ${relationIdentifier(shape.relation)}
+           (extract(epoch FROM ${instantOfValue(sql.fragment`latest`, reading)}) * 1000)::float8 AS latest
+    FROM (SELECT max(${sql.identifier([expiry])}) AS latest FROM ${relationIdentifier(shape.relation)}
+          WHERE isfinite(${sql.identifier([expiry])})) latest
   `);
 
   const problems: string[] = [];
   const byHand = 'or convert the table by hand';
-  if (facts.expiryType !== 'timestamp with time zone') {
+  if (reading.kind === 'epoch') {
     problems.push(
-      `${where}.${expiry} is ${facts.expiryType}; partition convert partitions by UTC day and needs timestamptz. Change the column's type first, ${byHand}.`,
+      `${where}.${expiry} is ${facts.expiryType}, epoch ${reading.unit}; partition convert partitions a timestamp or timestamptz column by day. Convert it by hand, or change the column's type first.`,
     );
   }
   if (!facts.expiryNotNull) {

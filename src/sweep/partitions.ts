@@ -112,7 +112,7 @@ const partitionRow = z.object({
 });
 
 /** How the partition key (the expiry column) is read: only time columns partition by expiry. */
-function keyReading(shape: TableShape): TimeReading {
+export function keyReading(shape: Pick<TableShape, 'expiry'>): TimeReading {
   if (shape.expiry?.kind !== 'column')
     throw new Error('a table partitioned by expiry has an expiry column');
   return shape.expiry.time.reading;
