@@ -101,3 +101,11 @@ export interface TargetRule {
   readonly optional: boolean;
   readonly knobs: TargetKnobs;
 }
+
+/** A preset: one auth system's tables, written in the format of the targets file. */
+export interface Preset {
+  readonly name: string;
+  /** The cleanup command the preset follows, for explain and the docs. */
+  readonly follows: string;
+  readonly targets: readonly TargetEntry[];
+}

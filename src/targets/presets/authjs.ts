@@ -2,7 +2,7 @@
 // lib/actions/session.ts), and a verification token when it is used; the rest stays. The
 // preset deletes what Auth.js treats as gone: `expires` passed. accounts.expires_at (epoch
 // seconds) is the provider's token expiry, not the account's, and is left alone.
-import type { Preset } from './index.js';
+import type { Preset } from '../rule.js';
 
 export const authjs: Preset = {
   name: 'authjs',

@@ -3,7 +3,7 @@
 // stays. The preset deletes what better-auth itself treats as gone: `"expiresAt"` passed.
 // With session.preserveSessionInDatabase, ended sessions are kept for audit with
 // `"expiresAt" = now`; leave sessions out then ("only": ["verification"]).
-import type { Preset } from './index.js';
+import type { Preset } from '../rule.js';
 
 export const betterAuth: Preset = {
   name: 'better-auth',

@@ -8,7 +8,7 @@
 // - an expired ID token goes unless an access token still points at it;
 // - an expired grant goes.
 // Every column is timestamptz.
-import type { Preset } from './index.js';
+import type { Preset } from '../rule.js';
 
 export const djangoOauthToolkit: Preset = {
   name: 'django-oauth-toolkit',

@@ -5,7 +5,7 @@
 // its own, so it goes only once revoked. Columns are `timestamp(6) without time zone`,
 // written in ActiveRecord.default_timezone (UTC unless changed): declare it with
 // NAIVE_TIMESTAMPS_TIMEZONE.
-import type { Preset } from './index.js';
+import type { Preset } from '../rule.js';
 
 export const doorkeeper: Preset = {
   name: 'doorkeeper',

@@ -1,6 +1,6 @@
 // The presets: one file per auth system, each reproducing that system's own cleanup command,
 // written in the format of the targets file (config-file.ts expands and validates them).
-import type { TargetEntry } from '../rule.js';
+import type { Preset } from '../rule.js';
 import { authjs } from './authjs.js';
 import { betterAuth } from './better-auth.js';
 import { djangoOauthToolkit } from './django-oauth-toolkit.js';
@@ -8,13 +8,6 @@ import { doorkeeper } from './doorkeeper.js';
 import { laravelPassport } from './laravel-passport.js';
 import { oryHydra } from './ory-hydra.js';
 import { supabaseAuth } from './supabase-auth.js';
-
-export interface Preset {
-  readonly name: string;
-  /** The cleanup command the preset follows, for explain and the docs. */
-  readonly follows: string;
-  readonly targets: readonly TargetEntry[];
-}
 
 const ALL: readonly Preset[] = [
   laravelPassport,

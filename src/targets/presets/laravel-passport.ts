@@ -4,7 +4,7 @@
 // `auth:clear-resets` (DatabaseTokenRepository::deleteExpired) deletes password reset tokens
 // older than `created_at` + 60 minutes. Every column is `timestamp(0) without time zone`,
 // written in config('app.timezone'): NAIVE_TIMESTAMPS_TIMEZONE must say which.
-import type { Preset } from './index.js';
+import type { Preset } from '../rule.js';
 
 const token = (table: string) => ({
   table,

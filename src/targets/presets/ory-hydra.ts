@@ -5,7 +5,7 @@
 // rotation grace: Hydra moves its `expires_at` 30 minutes (plus the grace) past the rotation,
 // so it goes only then. `active` is therefore not a marker here. Hydra writes every
 // timestamp in UTC, whatever its configuration, so the preset declares the zone.
-import type { Preset } from './index.js';
+import type { Preset } from '../rule.js';
 
 const token = (table: string) => ({
   table,

@@ -5,7 +5,7 @@
 // refresh tokens with it (ON DELETE CASCADE, as under Supabase's own cleanup). The tables
 // have row-level security enabled: run token-reaper as their owner (supabase_auth_admin) or
 // as a role with BYPASSRLS.
-import type { Preset } from './index.js';
+import type { Preset } from '../rule.js';
 
 export const supabaseAuth: Preset = {
   name: 'supabase-auth',
