@@ -5,7 +5,7 @@
 // Passport's char(80), Doorkeeper's and DOT's bigint, and a bigint past 2^53.
 import { expect } from 'chai';
 import pg from 'pg';
-import { fillTable, loadAuthSchema, rowKeys, type Fill } from './support/auth-schemas.js';
+import { openAuthDatabase, rowKeys, type Fill } from './support/auth-schemas.js';
 import { runCli, spawnDaemon, waitFor } from './support/cli.js';
 import { useTestDatabase } from './support/database.js';
 import { writeTargetsFile } from './support/targets.js';
@@ -131,14 +131,11 @@ for (const testCase of CASES) {
     let client: pg.Client;
 
     before(async () => {
-      await database.query(`ALTER DATABASE ${database.name} SET timezone = 'Asia/Tokyo'`);
-      client = new pg.Client({ connectionString: database.url });
-      client.on('error', () => undefined);
-      await client.connect();
-      if (testCase.fixture !== null) await loadAuthSchema(client, testCase.fixture);
-      if (testCase.setup) await client.query(testCase.setup);
-      const filled = new Set<string>();
-      for (const fill of testCase.fills) await fillTable(client, fill, filled);
+      client = await openAuthDatabase(database, {
+        ...(testCase.fixture === null ? {} : { fixture: testCase.fixture }),
+        ...(testCase.setup === undefined ? {} : { sql: testCase.setup }),
+        fills: testCase.fills,
+      });
     });
     after(() => client.end());
 

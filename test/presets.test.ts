@@ -7,7 +7,7 @@
 import { expect } from 'chai';
 import pg from 'pg';
 import { createPurger } from '../src/purge.js';
-import { fillTable, loadAuthSchema, rowKeys, type Fill } from './support/auth-schemas.js';
+import { openAuthDatabase, rowKeys, type Fill } from './support/auth-schemas.js';
 import { useTestDatabase, type TestDatabaseHandle } from './support/database.js';
 import { finishedSweep, targetsHarness } from './support/targets.js';
 
@@ -239,13 +239,11 @@ for (const testCase of CASES) {
     let client: pg.Client;
 
     before(async () => {
-      await database.query(`ALTER DATABASE ${database.name} SET timezone = 'Asia/Tokyo'`);
-      client = new pg.Client({ connectionString: database.url });
-      client.on('error', () => undefined);
-      await client.connect();
-      await loadAuthSchema(client, testCase.fixture);
-      const filled = new Set<string>();
-      for (const fill of testCase.fills) await fillTable(client, { rows: ROWS, ...fill }, filled);
+      client = await openAuthDatabase(database, {
+        fixture: testCase.fixture,
+        fills: testCase.fills,
+        rows: ROWS,
+      });
     });
     after(() => client.end());
 

@@ -66,12 +66,17 @@ function makeRows(first: number, count: number, revokedShare = 0.4): Row[] {
   }));
 }
 
-async function insertRows(client: pg.Client, column: ColumnCase, rows: readonly Row[]) {
+async function insertRows(
+  client: pg.Client,
+  column: ColumnCase,
+  rows: readonly Row[],
+  table = `tz_${column.name}`,
+) {
   const revokedValue = column.epoch
     ? 'rows.revoked IS NOT NULL AND rows.revoked < 0'
     : `CASE WHEN rows.revoked IS NULL THEN NULL ELSE ${written(column, 'rows.revoked')} END`;
   await client.query(
-    `INSERT INTO tz_${column.name} (id, ${column.epoch ? 'revoked' : 'revoked_at'}, expires_at)
+    `INSERT INTO ${table} (id, ${column.epoch ? 'revoked' : 'revoked_at'}, expires_at)
      SELECT rows.id, ${revokedValue}, ${written(column, 'rows.expires')}
      FROM unnest($1::bigint[], $2::int[], $3::int[]) AS rows (id, expires, revoked)`,
     [rows.map((row) => row.id), rows.map((row) => row.expires), rows.map((row) => row.revoked)],
@@ -249,18 +254,7 @@ for (const databaseZone of ['Pacific/Kiritimati', 'Pacific/Pago_Pago']) {
         expires: -(86_400 + Math.floor(Math.random() * 86_400)),
         revoked: null,
       }));
-      await client.query(
-        `INSERT INTO la_parted (id, revoked_at, expires_at)
-         SELECT rows.id,
-                CASE WHEN rows.revoked IS NULL THEN NULL ELSE ${written(column, 'rows.revoked')} END,
-                ${written(column, 'rows.expires')}
-         FROM unnest($1::bigint[], $2::int[], $3::int[]) AS rows (id, expires, revoked)`,
-        [
-          [...rows, ...old].map((row) => row.id),
-          [...rows, ...old].map((row) => row.expires),
-          [...rows, ...old].map((row) => row.revoked),
-        ],
-      );
+      await insertRows(client, column, [...rows, ...old], 'la_parted');
       const expectedDrops = await client.query<{ count: string }>(
         `SELECT count(*) FROM generate_series(-3, 3) d
          WHERE date_trunc('day', now() AT TIME ZONE 'America/Los_Angeles') + make_interval(days => d + 1)
@@ -312,14 +306,7 @@ for (const databaseZone of ['Pacific/Kiritimati', 'Pacific/Pago_Pago']) {
       // Enough rows for more than 128 pages, so that the conversion proves the bound with a
       // CHECK written in the column's own wall-clock time; and a row that expired forever ago.
       const rows = makeRows(1, 30_000);
-      await client.query(
-        `INSERT INTO la_plain (id, revoked_at, expires_at)
-         SELECT rows.id,
-                CASE WHEN rows.revoked IS NULL THEN NULL ELSE ${written(column, 'rows.revoked')} END,
-                ${written(column, 'rows.expires')}
-         FROM unnest($1::bigint[], $2::int[], $3::int[]) AS rows (id, expires, revoked)`,
-        [rows.map((row) => row.id), rows.map((row) => row.expires), rows.map((row) => row.revoked)],
-      );
+      await insertRows(client, column, rows, 'la_plain');
       await client.query(`INSERT INTO la_plain VALUES (40001, NULL, '-infinity')`);
       const targets = [
         {

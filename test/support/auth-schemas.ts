@@ -2,7 +2,8 @@
 // migrations), and rows for any table of them: a filler that reads the catalog, so that a test
 // names only the columns its rule is about.
 import { readFile } from 'node:fs/promises';
-import type pg from 'pg';
+import pg from 'pg';
+import type { TestDatabaseHandle } from './database.js';
 import { repositoryRoot } from './cli.js';
 
 export interface Fill {
@@ -103,4 +104,26 @@ export async function rowKeys(client: pg.Client, tables: readonly string[]) {
     keys.set(table, rows.rows.map((row) => row.key).sort());
   }
   return keys;
+}
+
+/**
+ * A client on the block's database, set to Asia/Tokyo (a zone that is not UTC), with a
+ * fixture loaded (or other SQL run) and filled. The block's database is dropped, with its
+ * sessions, before the client ends, so the client ignores that error.
+ */
+export async function openAuthDatabase(
+  database: TestDatabaseHandle,
+  setup: { fixture?: string; sql?: string; fills: readonly Fill[]; rows?: number },
+): Promise<pg.Client> {
+  await database.query(`ALTER DATABASE ${database.name} SET timezone = 'Asia/Tokyo'`);
+  const client = new pg.Client({ connectionString: database.url });
+  client.on('error', () => undefined);
+  await client.connect();
+  if (setup.fixture !== undefined) await loadAuthSchema(client, setup.fixture);
+  if (setup.sql !== undefined) await client.query(setup.sql);
+  const filled = new Set<string>();
+  for (const fill of setup.fills) {
+    await fillTable(client, { rows: setup.rows ?? 1, ...fill }, filled);
+  }
+  return client;
 }
