@@ -8,7 +8,8 @@ import type { Config } from './config.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
 import { createListener, type Listener } from './listener.js';
-import { createPurger, routeNotification, type Purger } from './purge.js';
+import { createPurger, type Purger } from './purge/purger.js';
+import { createNotificationRouter, type NotificationRouter } from './purge/router.js';
 import { startSchedule, type Schedule } from './scheduler.js';
 import { describeTargetsToRun, expiryTimeColumn, markerColumn, qualifiedName } from './schema.js';
 import { describeReading } from './targets/time.js';
@@ -41,6 +42,8 @@ export interface Daemon {
   start(): Promise<void>;
   stop(): Promise<void>;
   sweep(trigger: SweepTrigger, options?: SweepOptions): Promise<SweepOutcome>;
+  /** Settles once the retry of the rows the last sweep left locked is over (Sweeper.retrySettled). */
+  retrySettled(): Promise<void>;
 }
 
 export interface DaemonDependencies {
@@ -68,6 +71,7 @@ export function createDaemon({
   let schedule: Schedule | null = null;
   let listener: Listener | null = null;
   let purgers: Purger[] = [];
+  let router: NotificationRouter | null = null;
   let starting: Promise<void> | null = null;
   let stopping: Promise<void> | null = null;
 
@@ -83,10 +87,12 @@ export function createDaemon({
       );
     }
     purgers = prompt.map((shape) => createPurger({ pool, shape, logger, events }));
+    const notifications = createNotificationRouter(purgers, logger);
+    router = notifications;
     listener = createListener({
       config,
       logger,
-      onNotification: (payload) => routeNotification(payload, purgers, logger),
+      onNotification: (payload) => notifications.route(payload),
       onConnected: () => {
         for (const purger of purgers) void purger.catchUp('connected');
       },
@@ -121,6 +127,7 @@ export function createDaemon({
   const stop = async () => {
     await starting?.catch(() => undefined);
     await listener?.stop();
+    router?.stop();
     await Promise.all(purgers.map((purger) => purger.stop()));
     await schedule?.stop();
     await sweeper.stop();
@@ -146,5 +153,6 @@ export function createDaemon({
     start: () => (starting ??= start()),
     stop: () => (stopping ??= stop()),
     sweep: (trigger, options) => sweeper.sweep(trigger, options),
+    retrySettled: () => sweeper.retrySettled(),
   };
 }

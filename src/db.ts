@@ -48,9 +48,9 @@ export function createPlainClient(config: Pick<Config, 'databaseUrl'>, logger: L
 }
 
 /**
- * The listener's own connection. A query timeout bounds pg-listen's paranoid check, which
- * would otherwise wait forever on a half-open connection; TCP keepalive notices a peer that
- * vanished. Its application_name tells it apart in pg_stat_activity.
+ * The listener's own connection. A query timeout bounds the heartbeat, which would otherwise
+ * wait forever on a half-open connection; TCP keepalive notices a peer that vanished. Its
+ * application_name tells it apart in pg_stat_activity.
  */
 export function listenerConnectionConfig(config: Pick<Config, 'databaseUrl'>): pg.ClientConfig {
   return {

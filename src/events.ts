@@ -3,7 +3,7 @@
 // edge (the CLI or createReaper) and passed inward like the logger; components emit, and
 // never depend on who listens.
 import { EventEmitter } from 'node:events';
-import type { CatchUpReason } from './purge.js';
+import type { CatchUpReason } from './purge/purger.js';
 import type { SweepOutcome } from './sweep/sweeper.js';
 
 export interface PurgeBatchEvent {

@@ -155,11 +155,12 @@ export function templateVariables(
       fragment:
         marker.kind === 'time' ? `${column} IS NOT NULL` : marker.dead ? column : `NOT ${column}`,
     });
-    // Not marked before, marked now. IS TRUE / IS FALSE / IS NOT NULL, so NULLs never fire.
-    const is = marker.kind === 'time' ? 'IS NOT NULL' : marker.dead ? 'IS TRUE' : 'IS FALSE';
-    const was = marker.kind === 'time' ? 'IS NULL' : marker.dead ? 'IS NOT TRUE' : 'IS NOT FALSE';
-    variables.set('marker_became_dead', {
-      fragment: `NEW.${column} ${is} AND OLD.${column} ${was}`,
+    // Marked now and not before, or the other way round: an un-revoke must reach the daemon
+    // too, so that a recorded grace starts again at the next revocation (revocations.ts).
+    // IS TRUE / IS FALSE / IS NOT NULL are never NULL, so a NULL marker counts as not marked.
+    const marked = marker.kind === 'time' ? 'IS NOT NULL' : marker.dead ? 'IS TRUE' : 'IS FALSE';
+    variables.set('marker_changed', {
+      fragment: `(NEW.${column} ${marked}) <> (OLD.${column} ${marked})`,
     });
   }
   return variables;

@@ -1,25 +1,26 @@
-// LISTEN on the revoke channel, through pg-listen, on a connection of its own, forever.
+// LISTEN on the revoke channel, on a pg connection of its own, forever.
 //
-// pg-listen's defaults are wrong for a daemon (DESIGN.md, "Pitfalls"), so every one of them
-// is set here:
-// - retryTimeout: it gives up reconnecting after 3 s by default, and then the daemon would
-//   be deaf until restarted. Here it never gives up, with a jittered exponential backoff;
-// - paranoidChecking runs `SELECT pg_backend_pid()` on the connection, which can hang
-//   forever on a half-open TCP connection; the client's query_timeout bounds it, and TCP
-//   keepalive catches a peer that vanished without a word;
-// - its `error` event is always handled, and its JSON parse is replaced by the raw payload,
-//   which the purger validates itself.
+// This is a small listener of our own rather than pg-listen, because a daemon needs three
+// things pg-listen does not do:
+// - a LISTEN that fails (the server is a standby during a failover, the role lost CONNECT)
+//   must tear the connection down and try again; pg-listen stops retrying, and its health
+//   query keeps succeeding on a connection that no longer listens;
+// - the heartbeat must ask the server whether it is still listening (pg_listening_channels(),
+//   as pg-boss does), not just whether a query answers;
+// - every failed attempt must say why, and no debug switch may print a payload, which can
+//   name a token hash (pg-listen's `DEBUG=pg-listen:*` prints each one).
 //
 // NOTIFYs sent while the connection is down are lost for good. So after every connect, once
 // LISTEN is in place (never before: a revocation between the catch-up and LISTEN would be
 // missed), onConnected asks for a catch-up that deletes whatever was revoked meanwhile.
-import pgListen from 'pg-listen';
+import { setTimeout as delay } from 'node:timers/promises';
+import pg from 'pg';
 import type { Config } from './config.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import { listenerConnectionConfig } from './db.js';
-import type { Logger } from './logger.js';
+import { serializeError, type Logger } from './logger.js';
 
-export const PARANOID_CHECK_INTERVAL_MS = 10_000;
+export const HEARTBEAT_INTERVAL_MS = 10_000;
 const MAXIMUM_RECONNECT_DELAY_MS = 10_000;
 const CLOSE_TIMEOUT_MS = 2_000;
 
@@ -39,6 +40,8 @@ export interface ListenerOptions {
   /** Called after every successful connect, with LISTEN already in place. */
   onConnected: (reconnected: boolean) => void;
   events?: ReaperEvents;
+  /** How often the connection is asked whether it still listens; for tests. */
+  heartbeatIntervalMs?: number;
 }
 
 /** 250 ms doubling to 10 s, each delay drawn from its upper half so replicas spread out. */
@@ -47,103 +50,150 @@ export function reconnectDelay(attempt: number) {
   return Math.round(ceiling * (0.5 + Math.random() / 2));
 }
 
-// pg-listen is CommonJS with an `exports.default`; under Node's ESM loader the default
-// import is the whole exports object.
-const createSubscriber = pgListen.default;
-
 export function createListener({
   config,
   logger,
   onNotification,
   onConnected,
   events = createReaperEvents(),
+  heartbeatIntervalMs = HEARTBEAT_INTERVAL_MS,
 }: ListenerOptions): Listener {
   const log = logger.child('listener');
   const channel = config.notifyChannel;
-  const subscriber = createSubscriber(listenerConnectionConfig(config), {
-    retryTimeout: Number.POSITIVE_INFINITY,
-    retryLimit: Number.POSITIVE_INFINITY,
-    retryInterval: reconnectDelay,
-    paranoidChecking: PARANOID_CHECK_INTERVAL_MS,
-    parse: (payload: string) => payload,
-  });
+  let client: pg.Client | null = null;
   let connected = false;
-  let listening = false;
   let stopped = false;
   let disconnectedAt = 0;
+  let heartbeat: NodeJS.Timeout | null = null;
+  /** The reconnect loop in progress, so a second loss during it starts nothing new. */
+  let reconnecting: Promise<void> | null = null;
 
-  subscriber.notifications.on(channel, (payload: string | undefined) => {
-    if (!stopped) onNotification(payload);
-  });
-  subscriber.events.on('error', (error) => {
-    log.warn('listener.error', 'the listener connection reported an error', { error });
-  });
-  subscriber.events.on('reconnect', (attempt) => {
-    if (attempt === 1) {
-      connected = false;
-      events.emit('listener', { connected: false });
-      disconnectedAt = performance.now();
-      log.warn('listener.disconnected', 'the listener lost its connection; reconnecting', {
-        channel,
-      });
-    } else if (attempt % 10 === 0) {
-      log.warn('listener.reconnecting', `still reconnecting, attempt ${attempt}`, {
-        channel,
-        attempt,
-        downMs: Math.round(performance.now() - disconnectedAt),
-      });
+  /** A new connection with LISTEN in place; a failure closes whatever it opened. */
+  const connect = async () => {
+    const candidate = new pg.Client(listenerConnectionConfig(config));
+    // Until it is ours, an error only fails the attempt; afterwards it is a lost connection.
+    candidate.on('error', (error) => {
+      if (client === candidate) lose(error);
+    });
+    candidate.on('end', () => {
+      if (client === candidate) lose(new Error('the connection ended'));
+    });
+    candidate.on('notification', (message) => {
+      if (client === candidate && !stopped && message.channel === channel) {
+        onNotification(message.payload);
+      }
+    });
+    try {
+      await candidate.connect();
+      await candidate.query(`LISTEN ${pg.escapeIdentifier(channel)}`);
+    } catch (error) {
+      void candidate.end().catch(() => undefined);
+      throw error;
     }
-  });
-  // pg-listen emits `connected` on the first connect before any LISTEN, and after each
-  // reconnect once it has re-LISTENed. Only the second kind is handled here; start() takes
-  // care of the first, after its own LISTEN.
-  subscriber.events.on('connected', () => {
-    if (!listening || stopped) return;
+    return candidate;
+  };
+
+  const listening = (reconnected: boolean) => {
     connected = true;
     events.emit('listener', { connected: true });
-    log.info('listener.connected', `listening on ${channel} again`, {
+    log.info(
+      'listener.connected',
+      reconnected ? `listening on ${channel} again` : `listening on ${channel}`,
+      reconnected
+        ? { channel, reconnected, downMs: Math.round(performance.now() - disconnectedAt) }
+        : { channel, reconnected },
+    );
+    heartbeat = setInterval(() => void checkHeartbeat(), heartbeatIntervalMs);
+    heartbeat.unref();
+    onConnected(reconnected);
+  };
+
+  // The query has the connection's query_timeout, so a half-open connection fails it too.
+  const checkHeartbeat = async () => {
+    const current = client;
+    if (current === null || stopped) return;
+    try {
+      const result = await current.query<{ listening: boolean }>(
+        'SELECT $1::text = ANY (ARRAY(SELECT pg_listening_channels())) AS listening',
+        [channel],
+      );
+      if (result.rows[0]?.listening !== true) {
+        throw new Error(`the connection no longer listens on ${channel}`);
+      }
+    } catch (error) {
+      if (client === current) lose(error);
+    }
+  };
+
+  /** Drops the connection, once, and reconnects until it listens again or stop() is called. */
+  const lose = (error: unknown) => {
+    if (stopped || client === null) return;
+    const lost = client;
+    client = null;
+    if (heartbeat) clearInterval(heartbeat);
+    heartbeat = null;
+    void lost.end().catch(() => undefined);
+    connected = false;
+    disconnectedAt = performance.now();
+    events.emit('listener', { connected: false });
+    log.warn('listener.disconnected', 'the listener lost its connection; reconnecting', {
       channel,
-      reconnected: true,
-      downMs: Math.round(performance.now() - disconnectedAt),
+      error: serializeError(error),
     });
-    onConnected(true);
-  });
+    reconnecting ??= reconnect().finally(() => {
+      reconnecting = null;
+    });
+  };
+
+  const reconnect = async () => {
+    for (let attempt = 1; !stopped; attempt += 1) {
+      await delay(reconnectDelay(attempt - 1), undefined, { ref: false });
+      if (stopped) return;
+      try {
+        const candidate = await connect();
+        if (stopped) {
+          void candidate.end().catch(() => undefined);
+          return;
+        }
+        client = candidate;
+        listening(true);
+        return;
+      } catch (error) {
+        // Every failure says why: a rotated password, a standby, a host that is gone.
+        log.warn('listener.reconnecting', `reconnecting failed, attempt ${attempt}`, {
+          channel,
+          attempt,
+          downMs: Math.round(performance.now() - disconnectedAt),
+          error: serializeError(error),
+        });
+      }
+    }
+  };
 
   return {
     get connected() {
       return connected && !stopped;
     },
     async start() {
-      try {
-        await subscriber.connect();
-        await subscriber.listenTo(channel);
-      } catch (error) {
-        // close() also stops pg-listen's own reconnect loop, which a failed first connect
-        // may already have started.
-        await subscriber.close().catch(() => undefined);
-        throw error;
-      }
-      listening = true;
-      connected = true;
-      events.emit('listener', { connected: true });
-      log.info('listener.connected', `listening on ${channel}`, { channel, reconnected: false });
-      onConnected(false);
+      client = await connect();
+      listening(false);
     },
     async stop() {
       if (stopped) return;
       stopped = true;
       connected = false;
+      if (heartbeat) clearInterval(heartbeat);
       events.emit('listener', { connected: false });
+      const current = client;
+      client = null;
+      if (current === null) return;
       // UNLISTEN before anything else stops, so nothing new arrives during the shutdown. On a
-      // dead connection both calls may never answer; the shutdown does not wait for them.
+      // dead connection neither may ever answer; the shutdown does not wait for them.
       const close = async () => {
-        await subscriber.unlistenAll().catch(() => undefined);
-        await subscriber.close().catch(() => undefined);
+        await current.query('UNLISTEN *').catch(() => undefined);
+        await current.end().catch(() => undefined);
       };
-      await Promise.race([
-        close(),
-        new Promise((resolve) => setTimeout(resolve, CLOSE_TIMEOUT_MS).unref()),
-      ]);
+      await Promise.race([close(), delay(CLOSE_TIMEOUT_MS, undefined, { ref: false })]);
     },
   };
 }

@@ -1,12 +1,12 @@
 // Revocation times for a table whose revoked column is a boolean, kept in
 // token_reaper.revocations while REFRESH_TOKEN_REVOKED_GRACE is above 0 (see predicates.ts,
-// which reads them). A time comes from the trigger's NOTIFY when there was one; a revoked row
-// found without a time (its NOTIFY was lost, or it was revoked before install) gets the time
-// it was first seen, so its grace starts then. Records of rows that are gone, or no longer
-// revoked, are forgotten by the sweep.
+// which reads them). Every time here comes from the database clock, never from a payload:
+// a NOTIFY costs nothing to forge, so it may only make the daemon look at a row. A row gets
+// the time it is first seen revoked, and only while it is revoked; a row seen un-revoked
+// loses its record (the trigger notifies both ways), so a revocation after an un-revoke
+// starts a fresh grace. Records of rows that are gone are forgotten by catch-ups and sweeps.
 import { sql, type DatabasePool } from 'slonik';
 import { retryOnDeadlock } from './db.js';
-import type { Revocation } from './purge.js';
 import { markerSetPredicate } from './predicates.js';
 import {
   columnOf,
@@ -17,27 +17,40 @@ import {
   type TableShape,
 } from './schema.js';
 
-/** Records the times the NOTIFYs carried; a time already recorded is kept. */
+/**
+ * Looks at the rows the NOTIFYs named, as they are now: a revoked row without a record gets
+ * now(), and the record of a row that is not revoked (any more) is forgotten. Returns the
+ * number of rows recorded.
+ */
 export async function recordRevocations(
   pool: DatabasePool,
   shape: TableShape,
-  revocations: readonly Revocation[],
+  ids: readonly string[],
 ): Promise<number> {
-  const result = await retryOnDeadlock(() =>
-    pool.query(sql.unsafe`
-      INSERT INTO token_reaper.revocations (reaper_relation, reaper_token_id, reaper_revoked_at)
-      SELECT ${qualifiedName(shape.relation)}, id, revoked_at
-      FROM unnest(${sql.array(
-        revocations.map((revocation) => revocation.id),
-        'text',
-      )}, ${sql.array(
-        revocations.map((revocation) => revocation.revokedAt),
-        'text',
-      )}::timestamptz[]) AS batch (id, revoked_at)
-      ON CONFLICT DO NOTHING
+  const table = relationIdentifier(shape.relation);
+  const id = columnOf(shape.relation, shape.id!.column);
+  const revoked = markerSetPredicate(shape, shape.relation)!;
+  const named = sql.fragment`${sql.array(ids, 'text')}::${idTypeOf(shape)}[]`;
+  return retryOnDeadlock(() =>
+    pool.oneFirst(sql.unsafe`
+      WITH forgotten AS (
+        DELETE FROM token_reaper.revocations
+        WHERE reaper_relation = ${qualifiedName(shape.relation)}
+          AND reaper_token_id = ANY(${named}::text[])
+          AND NOT EXISTS (
+            SELECT 1 FROM ${table}
+            WHERE ${id} = reaper_token_id::${idTypeOf(shape)} AND ${revoked})
+      ), recorded AS (
+        INSERT INTO token_reaper.revocations (reaper_relation, reaper_token_id, reaper_revoked_at)
+        SELECT ${qualifiedName(shape.relation)}, ${id}::text, now()
+        FROM ${table}
+        WHERE ${id} = ANY(${named}) AND ${revoked}
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+      )
+      SELECT count(*)::int FROM recorded
     `),
   );
-  return result.rowCount;
 }
 
 /** Gives every revoked row of `leaf` that has no recorded time the time it is first seen. */

@@ -56,7 +56,7 @@ describe('install', () => {
         'CREATE INDEX CONCURRENTLY IF NOT EXISTS "refresh_tokens_expires_at_idx"',
       );
       expect(printed.stdout).to.include(
-        'WHEN (NEW."revoked" IS TRUE AND OLD."revoked" IS NOT TRUE)',
+        'WHEN ((NEW."revoked" IS TRUE) <> (OLD."revoked" IS TRUE))',
       );
       const schema = await database.query(`SELECT to_regnamespace('token_reaper') AS oid`);
       expect(schema[0]!.oid).to.equal(null);

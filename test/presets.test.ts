@@ -6,7 +6,7 @@
 // exactly what the oracle leaves. The databases' TimeZone is Asia/Tokyo throughout.
 import { expect } from 'chai';
 import pg from 'pg';
-import { createPurger } from '../src/purge.js';
+import { createPurger } from '../src/purge/purger.js';
 import { openAuthDatabase, rowKeys, type Fill } from './support/auth-schemas.js';
 import { useTestDatabase, type TestDatabaseHandle } from './support/database.js';
 import { finishedSweep, targetsHarness } from './support/targets.js';

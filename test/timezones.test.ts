@@ -5,7 +5,8 @@
 // on the database clock, and no live one.
 import { expect } from 'chai';
 import pg from 'pg';
-import { createPurger, routeNotification } from '../src/purge.js';
+import { createPurger } from '../src/purge/purger.js';
+import { createNotificationRouter } from '../src/purge/router.js';
 import { useTestDatabase } from './support/database.js';
 import { runCli, waitFor } from './support/cli.js';
 import { finishedSweep, targetsHarness, writeTargetsFile } from './support/targets.js';
@@ -196,6 +197,7 @@ for (const databaseZone of ['Pacific/Kiritimati', 'Pacific/Pago_Pago']) {
         let purged = 0;
         harness.events.on('purge', (batch) => (purged += batch.ids));
         const fresh = new Map<string, Row[]>();
+        const router = createNotificationRouter(purgers, harness.logs.logger);
         for (const column of CASES) {
           const added = makeRows(ROWS + 1, 100, 1);
           fresh.set(column.name, added);
@@ -206,11 +208,12 @@ for (const databaseZone of ['Pacific/Kiritimati', 'Pacific/Pago_Pago']) {
               id: String(row.id),
               revoked_at: new Date().toISOString(),
             };
-            routeNotification(JSON.stringify(payload), purgers, harness.logs.logger);
+            router.route(JSON.stringify(payload));
             sent += 1;
           }
         }
         await waitFor(() => purged === sent, { message: 'every payload purged' });
+        router.stop();
         for (const column of CASES) {
           const kept = [
             ...rows.get(column.name)!.filter((row) => !revokedDead(row)),

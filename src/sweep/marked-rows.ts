@@ -10,6 +10,10 @@
 // same ctid names a row in every partition. The predicate is checked again by the DELETE, so
 // a row restored since the SELECT stays. A TID scan visits its list in sorted order, so this
 // locks rows in physical order, like the sweep's TID-range batches: the two cannot deadlock.
+// Rows another transaction has locked are skipped (FOR UPDATE SKIP LOCKED), not waited on: a
+// foreign-key check in the auth service holds FOR KEY SHARE on a token for the length of its
+// transaction, and one such row must not stall every other deletion. What is left, locked or
+// revoked since, is counted at the end (`remaining`), so the caller can come back for it.
 // The re-check is wrapped in coalesce(…, false), which means the same, so that the planner
 // cannot match it to the partial index: right after a burst, statistics still say almost
 // nothing is revoked, and it would scan the whole partial index for every batch instead of
@@ -26,6 +30,8 @@ export interface MarkedRowsResult {
   /** Rows deleted, or in count mode the rows that would be. */
   rows: number;
   batches: number;
+  /** Delete mode: the marked rows still there at the end, mostly ones another transaction locked. */
+  remaining: number;
 }
 
 const countRow = z.object({ count: z.number() });
@@ -48,7 +54,7 @@ export async function deleteMarkedRows(
     const rows = await pool.oneFirst(
       sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${marked}`,
     );
-    return { rows, batches: 0 };
+    return { rows, batches: 0, remaining: 0 };
   }
   let rows = 0;
   let batches = 0;
@@ -57,7 +63,8 @@ export async function deleteMarkedRows(
       pool.oneFirst(sql.type(countRow)`
       ${deletion(shape, relation, {
         where: sql.fragment`ctid = ANY(ARRAY(
-            SELECT ctid FROM ${table} WHERE ${indexed} AND ${marked} LIMIT ${MARKED_ROWS_BATCH}))
+            SELECT ctid FROM ${table} WHERE ${indexed} AND ${marked}
+            LIMIT ${MARKED_ROWS_BATCH} FOR UPDATE SKIP LOCKED))
           AND coalesce(${marked}, false)`,
         returning: sql.fragment`1 AS one`,
       })}
@@ -67,6 +74,10 @@ export async function deleteMarkedRows(
     options.onBatch?.(batchRows);
     rows += batchRows;
     batches += 1;
-    if (batchRows < MARKED_ROWS_BATCH || options.signal?.aborted) return { rows, batches };
+    if (batchRows < MARKED_ROWS_BATCH || options.signal?.aborted) break;
   }
+  const remaining = await pool.oneFirst(
+    sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${indexed} AND ${marked}`,
+  );
+  return { rows, batches, remaining };
 }
