@@ -23,6 +23,7 @@ import { applyRolePlan, checkRoleName, formatRolePlan, planRole } from './role.j
 import { createLogger, serializeError, type Logger } from './logger.js';
 import { createMetrics, startMetricsServer, type MetricsServer } from './metrics.js';
 import { convertToPartitioned } from './partition/convert.js';
+import { redactText } from './redact.js';
 import { describeTargets, describeTargetsToRun } from './schema.js';
 import { VERSION } from './version.js';
 
@@ -67,6 +68,9 @@ const FLAGS: Record<Command, Record<string, { type: 'boolean' | 'string' }>> = {
 };
 
 export async function main(argv: readonly string[], environment = process.env): Promise<void> {
+  // Node would print an uncaught exception and its stack as they are, with whatever password a
+  // library quoted in the message. A rejection of main() itself (main.ts awaits it) lands here.
+  process.on('uncaughtException', exitOnUncaughtException);
   let invocation: { command: Command; flags: Flags };
   let config: Config;
   try {
@@ -326,9 +330,21 @@ function print(text: string) {
 
 function exitWithError(error: unknown): never {
   if (error instanceof ConfigurationError) {
-    process.stderr.write(`token-reaper: ${error.problems.join('\ntoken-reaper: ')}\n`);
+    printErrors(error.problems);
     process.exit(2);
   }
-  process.stderr.write(`token-reaper: ${serializeError(error).message}\n`);
+  printErrors([serializeError(error).message]);
   process.exit(1);
+}
+
+function exitOnUncaughtException(error: unknown): never {
+  printErrors([
+    `uncaught exception: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`,
+  ]);
+  process.exit(1);
+}
+
+/** The one way errors reach stderr: a line each, through the redaction. */
+function printErrors(lines: readonly string[]) {
+  process.stderr.write(redactText(lines.map((line) => `token-reaper: ${line}\n`).join('')));
 }

@@ -1,7 +1,9 @@
 // What reaches stdout: every line has its event, errors keep their message and SQLSTATE, and
 // no secret survives, wherever it was put.
+import { Writable } from 'node:stream';
 import { expect } from 'chai';
-import { serializeError } from '../src/logger.js';
+import { createLogger, DEFAULT_LOG_BUFFER_LIMIT_BYTES, serializeError } from '../src/logger.js';
+import { waitFor } from './support/cli.js';
 import { createCapturingLogger } from './support/capture-logger.js';
 
 describe('the logger', () => {
@@ -77,4 +79,107 @@ describe('the logger', () => {
     });
     expect(JSON.stringify(serializeError(error))).not.to.include('e3b0c442');
   });
+
+  describe('on a stream that does not drain', () => {
+    it('drops lines past the bound, holds no more than one line beyond it, and reports the count once the stream drains', async () => {
+      const stream = stalledStream();
+      const logger = createLogger({ level: 'info', stream: stream.writable });
+      const padding = 'p'.repeat(150);
+      const lineCount = 10_000;
+      const isError = (index: number) => index % 10 === 0;
+      let largestBuffer = 0;
+      for (let index = 0; index < lineCount; index += 1) {
+        const log = isError(index) ? logger.error : logger.info;
+        log('flood.line', `line ${index}`, { index, padding });
+        // Winston hands a line to the stream before log() returns, so this sees every write.
+        largestBuffer = Math.max(largestBuffer, stream.writable.writableLength);
+      }
+
+      stream.release();
+      const report = await waitFor(() =>
+        stream.lines().find((line) => line.event === 'log.dropped'),
+      );
+      logger.info('after.drain', 'the stream drained');
+      await logger.flush();
+
+      // The stream filled up to the bound, and went past it by one line at most.
+      expect(largestBuffer).to.be.above(DEFAULT_LOG_BUFFER_LIMIT_BYTES - stream.longestLine());
+      expect(largestBuffer).to.be.at.most(DEFAULT_LOG_BUFFER_LIMIT_BYTES + stream.longestLine());
+      const lines = stream.lines();
+      const written = lines.filter((line) => line.event === 'flood.line');
+      // What was written is an unbroken run from the first line; the rest was dropped.
+      expect(written.map((line) => line.index)).to.deep.equal(written.map((_, index) => index));
+      expect(written.length).to.be.below(lineCount);
+      const droppedIndexes = Array.from(
+        { length: lineCount - written.length },
+        (_, offset) => written.length + offset,
+      );
+      expect(report).to.include({ level: 'warn', dropped: droppedIndexes.length });
+      expect(report.byLevel).to.deep.equal({
+        error: droppedIndexes.filter(isError).length,
+        info: droppedIndexes.filter((index) => !isError(index)).length,
+      });
+      // Then logging goes on.
+      expect(lines.map((line) => line.event).slice(written.length)).to.deep.equal([
+        'log.dropped',
+        'after.drain',
+      ]);
+    });
+
+    it('reports dropped lines whatever the level, even with a bound below the high-water mark', async () => {
+      // A bound under the stream's high-water mark would never see a 'drain'; the logger raises
+      // it to that mark, so the report still comes. Level error would filter a warn line out.
+      const stream = stalledStream();
+      const logger = createLogger({ level: 'error', stream: stream.writable, bufferLimitBytes: 1 });
+      const lineCount = 1_000;
+      let largestBuffer = 0;
+      for (let index = 0; index < lineCount; index += 1) {
+        logger.error('flood.line', `line ${index}`, { index });
+        largestBuffer = Math.max(largestBuffer, stream.writable.writableLength);
+      }
+
+      stream.release();
+      const report = await waitFor(() =>
+        stream.lines().find((line) => line.event === 'log.dropped'),
+      );
+      expect(largestBuffer).to.be.at.most(
+        stream.writable.writableHighWaterMark + stream.longestLine(),
+      );
+      const written = stream.lines().filter((line) => line.event === 'flood.line').length;
+      expect(written).to.be.within(1, lineCount - 1);
+      expect(report).to.include({ dropped: lineCount - written });
+    });
+  });
 });
+
+/**
+ * A stream whose reader has stalled, as stdout does when it is a pipe that nobody reads: it
+ * completes no write until release(), so everything written stays in its buffer.
+ */
+function stalledStream() {
+  const received: string[] = [];
+  let held: (() => void) | null = null;
+  let stalled = true;
+  const writable = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      received.push(chunk.toString('utf8'));
+      if (stalled) held = done;
+      else done();
+    },
+  });
+  const rawLines = () =>
+    received
+      .join('')
+      .split('\n')
+      .filter((line) => line !== '');
+  return {
+    writable,
+    lines: () => rawLines().map((line) => JSON.parse(line) as Record<string, unknown>),
+    /** Bytes of the longest line received, its newline included. */
+    longestLine: () => Math.max(...rawLines().map((line) => Buffer.byteLength(line) + 1)),
+    release() {
+      stalled = false;
+      held?.();
+    },
+  };
+}
