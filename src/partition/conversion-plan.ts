@@ -11,11 +11,13 @@ import {
   describeTarget,
   expiryColumnName,
   qualifiedName,
+  relationIdentifier,
   type Relation,
   type TableShape,
 } from '../schema.js';
 import {
   keyReading,
+  LONGEST_INFERRED_LIFETIME_DAYS,
   PREMAKE_MARGIN_DAYS,
   partitionName,
   premakeHorizonDays,
@@ -33,7 +35,6 @@ import {
 const { escapeIdentifier, escapeLiteral } = pg;
 
 const DAY_MS = 86_400_000;
-/** The sweep's margin on top of the longest token lifetime stored (see planPartitions). */
 /**
  * Up to this many heap pages (1 MB), the table gets no CHECK: ATTACH scans it under the lock in
  * about a millisecond, and a bound read from so few rows could not be trusted anyway (an empty
@@ -113,12 +114,53 @@ export async function planTable(
 ): Promise<ConversionPlan | string> {
   const facts = await readTableFacts(pool, shape);
   if (facts.problems.length > 0) return facts.problems.join('\n');
-  const plan = planConversion(facts, settings, await boundWriter(pool, facts, settings));
+  const days = conversionDays(facts, settings);
+  const bounds = await boundWriter(pool, facts, [...days.starts, days.starts.at(-1)! + DAY_MS]);
+  const rowsFromBound = await countRowsFromBound(pool, facts, bounds.text(days.bound));
+  const plan = planConversion(facts, settings, days, bounds, rowsFromBound);
   return plan.problems.length > 0 ? plan.problems.join('\n') : plan;
+}
+
+/** Where the legacy partition ends and the daily partitions that follow it; UTC midnights. */
+interface ConversionDays {
+  /** The longest token lifetime stored, in milliseconds (see readLongestLifetime). */
+  longestMs: number;
+  /** Epoch milliseconds: the legacy partition holds every expiry below it. */
+  bound: number;
+  /** The start of each daily partition, in epoch milliseconds, the bound first. */
+  starts: number[];
+}
+
+function conversionDays(facts: TableFacts, settings: PartitionConfig): ConversionDays {
+  // The bound. Rows the auth service inserts between adding the CHECK and the swap must lie
+  // below it, or the CHECK fails their INSERT. Tokens live for a bounded time, and the longest
+  // life left among the stored tokens is about that time: the auth service issues tokens all
+  // day long. So the bound sits a day beyond the latest expiry stored (or beyond
+  // PARTITION_PREMAKE_DAYS, the operator's statement of the longest lifetime, when that is
+  // later), rounded up to the next UTC midnight. A token issued before the swap expires about
+  // one lifetime after it was issued: a day and more before the bound. The swap follows within
+  // seconds; if it fails, the CHECK is removed again (see convertTable in convert.ts). An
+  // expiry that is no lifetime ('infinity', '9999-12-31') lies beyond the bound: see
+  // planConversion.
+  const { now, longestLifetimeMs: longestMs } = facts.clock;
+  const lifetimeMs = Math.max(longestMs, (settings.premakeDays ?? 0) * DAY_MS);
+  const bound = (Math.floor((now + lifetimeMs + DAY_MS) / DAY_MS) + 1) * DAY_MS;
+  const horizonDays = premakeHorizonDays(settings.premakeDays, longestMs);
+  // At least one daily partition: the sweep continues the grid of the newest bounded one.
+  const starts: number[] = [];
+  let lower = bound;
+  do {
+    starts.push(lower);
+    lower += DAY_MS;
+  } while (lower < now + horizonDays * DAY_MS);
+  return { longestMs, bound, starts };
 }
 
 /** How the plan writes a bound (always a UTC midnight, in epoch ms) for the key's type. */
 interface BoundWriter {
+  /** The bound as the key's type reads it, for a query parameter. */
+  text(epochMs: number): string;
+  /** The same as an SQL literal, for the plan's statements. */
   literal(epochMs: number): string;
   /** The key's type, for the CHECK's literal. */
   cast: 'timestamptz' | 'timestamp';
@@ -126,44 +168,57 @@ interface BoundWriter {
 
 /**
  * An instant is written as itself. A naive key holds wall-clock times in the declared zone,
- * so each UTC midnight the plan can use is read in that zone by the database, once, before
+ * so each UTC midnight the plan uses is read in that zone by the database, once, before
  * planning: the conversion is the database's, like every other reading of the column.
  */
 async function boundWriter(
   pool: DatabasePool,
   facts: TableFacts,
-  settings: PartitionConfig,
+  midnights: readonly number[],
 ): Promise<BoundWriter> {
   const reading = keyReading(facts.shape);
-  if (reading.kind !== 'naive') return { literal: timestampLiteral, cast: 'timestamptz' };
-  const { now } = facts.clock;
-  const longestMs = Math.max(0, (facts.clock.latest ?? now) - now);
-  const lifetimeMs = Math.max(longestMs, (settings.premakeDays ?? 0) * DAY_MS);
-  const horizonMs = premakeHorizonDays(settings.premakeDays, longestMs) * DAY_MS;
-  // Every midnight planConversion can reach: the bound, and the days from it to the horizon.
-  const first = Math.floor(now / DAY_MS) * DAY_MS;
-  const last = first + Math.max(lifetimeMs + 3 * DAY_MS, horizonMs + 2 * DAY_MS);
+  if (reading.kind !== 'naive') {
+    const text = (epochMs: number) => new Date(epochMs).toISOString();
+    return { text, literal: (epochMs) => escapeLiteral(text(epochMs)), cast: 'timestamptz' };
+  }
   const rows = await pool.any(sql.type(z.object({ epochMs: z.number(), wallClock: z.string() }))`
-    SELECT midnight::float8 AS "epochMs",
+    SELECT midnight AS "epochMs",
            to_char(to_timestamp(midnight / 1000.0) AT TIME ZONE ${reading.zone}::text,
                    'YYYY-MM-DD HH24:MI:SS') AS "wallClock"
-    FROM generate_series(${first}::bigint, ${last}::bigint, ${DAY_MS}::bigint) midnight
+    FROM unnest(${sql.array(midnights, 'float8')}) midnight
   `);
   const wallClock = new Map(rows.map((row) => [row.epochMs, row.wallClock]));
-  return {
-    literal(epochMs) {
-      const text = wallClock.get(epochMs);
-      if (text === undefined) throw new Error(`no wall-clock reading for ${epochMs}`);
-      return escapeLiteral(text);
-    },
-    cast: 'timestamp',
+  const text = (epochMs: number) => {
+    const found = wallClock.get(epochMs);
+    if (found === undefined) throw new Error(`no wall-clock reading for ${epochMs}`);
+    return found;
   };
+  return { text, literal: (epochMs) => escapeLiteral(text(epochMs)), cast: 'timestamp' };
+}
+
+/**
+ * The rows that expire at or after the bound: 'infinity', a far-off date that means "never",
+ * or a token that lives longer than LONGEST_INFERRED_LIFETIME_DAYS. Compared in the column's
+ * own type, like the CHECK, so that the expiry index answers it.
+ */
+async function countRowsFromBound(pool: DatabasePool, facts: TableFacts, boundText: string) {
+  const expiry = sql.identifier([expiryColumnName(facts.shape)!]);
+  const bound =
+    keyReading(facts.shape).kind === 'naive'
+      ? sql.fragment`${boundText}::timestamp`
+      : sql.fragment`${boundText}::timestamptz`;
+  return pool.oneFirst(sql.type(z.object({ count: z.number() }))`
+    SELECT count(*)::float8 AS count FROM ${relationIdentifier(facts.shape.relation)}
+    WHERE ${expiry} >= ${bound}
+  `);
 }
 
 function planConversion(
   facts: TableFacts,
   settings: PartitionConfig,
+  { longestMs, bound, starts }: ConversionDays,
   bounds: BoundWriter,
+  rowsFromBound: number,
 ): ConversionPlan {
   const { shape } = facts;
   const { schema } = shape.relation;
@@ -176,40 +231,38 @@ function planConversion(
   const problems: string[] = [];
   const where = qualifiedName(shape.relation);
 
-  // The bound. Rows the auth service inserts between adding the CHECK and the swap must lie
-  // below it, or the CHECK fails their INSERT. Tokens live for a bounded time, and the longest
-  // life left among the stored tokens is about that time: the auth service issues tokens all
-  // day long. So the bound sits a day beyond the latest expiry stored (or beyond
-  // PARTITION_PREMAKE_DAYS, the operator's statement of the longest lifetime, when that is
-  // later), rounded up to the next UTC midnight. A token issued before the swap expires about
-  // one lifetime after it was issued: a day and more before the bound. The swap follows within
-  // seconds; if it fails, the CHECK is removed again (see convertTable in convert.ts).
-  const { now } = facts.clock;
-  const longestMs = Math.max(0, (facts.clock.latest ?? now) - now);
-  const lifetimeMs = Math.max(longestMs, (settings.premakeDays ?? 0) * DAY_MS);
-  const bound = (Math.floor((now + lifetimeMs + DAY_MS) / DAY_MS) + 1) * DAY_MS;
-  const useCheck = facts.heapPages > SCAN_UNDER_LOCK_MAXIMUM_PAGES;
+  // Rows at or after the bound cannot be in the legacy partition: the swap moves them into a
+  // default partition. Until then they are in the table, so no CHECK can prove the bound, and
+  // ATTACH checks the rows under the lock instead.
+  const useCheck = facts.heapPages > SCAN_UNDER_LOCK_MAXIMUM_PAGES && rowsFromBound === 0;
+  const defaultPartition = rowsFromBound > 0 ? { schema, name: names.defaultPartition } : null;
+  if (defaultPartition) {
+    if (facts.defaultNameTaken) {
+      problems.push(
+        `${rowsFromBound} rows of ${where} expire at or after the bound, and go to the default partition ${qualifiedName(defaultPartition)}, but that name is taken. Rename or drop it, then convert.`,
+      );
+    }
+    warnings.push(
+      `${rowsFromBound} rows of ${where} expire at or after the bound ${new Date(bound).toISOString()} ('infinity', or further ahead than a token lifetime of ${LONGEST_INFERRED_LIFETIME_DAYS} days): the swap moves them into the default partition ${qualifiedName(defaultPartition)}, where they stay.` +
+        (facts.heapPages > SCAN_UNDER_LOCK_MAXIMUM_PAGES
+          ? ` While they are in the table, no CHECK can prove the bound, so ATTACH PARTITION checks all ${facts.heapPages} pages of the table under the lock, holding the auth service's queries for that long (the swap gives up after ${SWAP_STATEMENT_TIMEOUT_MS} ms).`
+          : ''),
+    );
+  }
   if (longestMs === 0 && settings.premakeDays === null) {
     const advice = `Set PARTITION_PREMAKE_DAYS to at least the longest lifetime of its rows, in days`;
+    const none = `no row of ${where} expires within the next ${LONGEST_INFERRED_LIFETIME_DAYS} days`;
     if (useCheck) {
       // A big table whose rows have all expired tells nothing about how long new ones live.
       problems.push(
-        `no row of ${where} expires in the future, so the bound cannot be read from the table, and a new row could expire after it and fail to insert. ${advice}.`,
+        `${none}, so the bound cannot be read from the table, and a new row could expire after it and fail to insert. ${advice}.`,
       );
     } else {
       warnings.push(
-        `no row of ${where} expires in the future, so partitions are made only ${PREMAKE_MARGIN_DAYS} days ahead, and a row that expires later than that would fail to insert. ${advice}.`,
+        `${none}, so partitions are made only ${PREMAKE_MARGIN_DAYS} days ahead, and a row that expires later than that would ${defaultPartition ? 'land in the default partition' : 'fail to insert'}. ${advice}.`,
       );
     }
   }
-  const horizonDays = premakeHorizonDays(settings.premakeDays, longestMs);
-  // At least one daily partition: the sweep continues the grid of the newest bounded one.
-  const days: number[] = [];
-  let lower = bound;
-  do {
-    days.push(lower);
-    lower += DAY_MS;
-  } while (lower < now + horizonDays * DAY_MS);
   if ((facts.storageParameters ?? []).length > 0) {
     warnings.push(
       `${where} has storage parameters (${facts.storageParameters!.join(', ')}); a partitioned table cannot have any, and the new partitions do not get them. Set them on each partition if they matter.`,
@@ -288,7 +341,7 @@ function planConversion(
   const changeOwner = facts.owner !== facts.currentUser;
   const owner = escapeIdentifier(facts.owner);
   const partitionsCreated: string[] = [];
-  const partitionStatements = days.flatMap((lower) => {
+  const partitionStatements = starts.flatMap((lower) => {
     const partition = { schema, name: partitionName(shape.relation.name, lower, DAY_MS) };
     partitionsCreated.push(qualifiedName(partition));
     return [
@@ -296,6 +349,17 @@ function planConversion(
       ...(changeOwner ? [`ALTER TABLE ${quote(partition)} OWNER TO ${owner};`] : []),
     ];
   });
+  const columns = facts.insertableColumns.map(escapeIdentifier).join(', ');
+  const moveStatements = defaultPartition
+    ? [
+        `CREATE TABLE ${quote(defaultPartition)} PARTITION OF ${table} DEFAULT;`,
+        ...(changeOwner ? [`ALTER TABLE ${quote(defaultPartition)} OWNER TO ${owner};`] : []),
+        // Within the swap, so the auth service never misses them; the daily partitions exist
+        // by now, so each row lands where a new insert of it would.
+        `WITH moved AS (DELETE FROM ${legacy} WHERE ${expiry} >= ${boundLiteral}::${bounds.cast} RETURNING ${columns}) INSERT INTO ${table} (${columns}) SELECT ${columns} FROM moved;`,
+      ]
+    : [];
+  if (defaultPartition) partitionsCreated.push(qualifiedName(defaultPartition));
 
   const swap = [
     `ALTER TABLE ${table} RENAME TO ${escapeIdentifier(names.legacy)};`,
@@ -317,18 +381,23 @@ function planConversion(
       (sequence) =>
         `ALTER SEQUENCE ${quote(sequence)} OWNED BY ${table}.${escapeIdentifier(sequence.column)};`,
     ),
+    // A row trigger on the partitioned table is cloned onto every partition, so the legacy
+    // partition's own copy goes; and it goes first, so that none fires for a row that only
+    // moves to the default partition.
+    ...facts.triggers.map(
+      (trigger) => `DROP TRIGGER ${escapeIdentifier(trigger.name)} ON ${legacy};`,
+    ),
+    ...partitionStatements,
+    ...moveStatements,
     `ALTER TABLE ${table} ATTACH PARTITION ${legacy} FOR VALUES FROM (MINVALUE) TO (${boundLiteral});`,
     // The partition's own bound says the same from now on.
     `ALTER TABLE ${legacy} DROP CONSTRAINT IF EXISTS ${escapeIdentifier(names.check)};`,
     ...parentIndexes,
-    // A row trigger on the partitioned table is cloned onto every partition, so the legacy
-    // partition's own copy goes first. The definition names the table the parent now is.
+    // The definition names the table the parent now is.
     ...facts.triggers.flatMap((trigger) => [
-      `DROP TRIGGER ${escapeIdentifier(trigger.name)} ON ${legacy};`,
       `${trigger.definition};`,
       ...triggerState(table, trigger),
     ]),
-    ...partitionStatements,
     ...facts.grants.map((grant) => grantStatement(table, grant)),
   ];
 
@@ -369,10 +438,6 @@ function grantStatement(table: string, grant: GrantFacts) {
 
 function quote(relation: Relation) {
   return `${escapeIdentifier(relation.schema)}.${escapeIdentifier(relation.name)}`;
-}
-
-function timestampLiteral(epochMs: number) {
-  return escapeLiteral(new Date(epochMs).toISOString());
 }
 
 export function shortLockSettings(settings: PartitionConfig) {
@@ -421,6 +486,11 @@ export function formatPlans(
         plan.check.add,
         'COMMIT;',
         plan.check.validate,
+      );
+    } else if (plan.facts.heapPages > SCAN_UNDER_LOCK_MAXIMUM_PAGES) {
+      lines.push(
+        '',
+        '-- 2. Rows expire at or after the bound, so no CHECK can prove it: ATTACH PARTITION checks the rows under the lock.',
       );
     } else {
       lines.push(

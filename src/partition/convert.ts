@@ -22,10 +22,17 @@
 // 3. One transaction, under a short lock_timeout and retried after a backoff like every
 //    partition DDL (see sweep/partitions.ts): rename the table to <table>_legacy and give it
 //    the new key; create the partitioned table under the old name with the same columns,
-//    defaults, CHECKs and owner; attach the legacy table FROM (MINVALUE) TO (bound), which the
-//    CHECK makes instant; add the primary key and the indexes, which adopt the ones on the
-//    legacy table instead of building anything; make the daily partitions from the bound;
-//    move the triggers; copy the grants.
+//    defaults, CHECKs and owner; make the daily partitions from the bound; attach the legacy
+//    table FROM (MINVALUE) TO (bound), which the CHECK makes instant; add the primary key and
+//    the indexes, which adopt the ones on the legacy table instead of building anything; move
+//    the triggers; copy the grants.
+//
+// Rows that expire at or after the bound ('infinity', '9999-12-31': expiries that mean
+// "never", see LONGEST_INFERRED_LIFETIME_DAYS) cannot stay in the legacy partition. The swap
+// moves them into a default partition <table>_default just before the attach, in the same
+// transaction, so the auth service never misses one. While they are in the table no CHECK
+// can prove the bound, so then the attach checks the rows under the lock: the plan warns
+// about a big table.
 //
 // Queries that waited behind the swap look the table's name up again once it commits, so they
 // land in the partitioned table; prepared statements are re-planned the same way.
@@ -139,7 +146,8 @@ async function convertTable(
     swapped = await step(log, table, 'swap', {}, () =>
       swapTable(client, settings, log, plan, async () => {
         // Only without a CHECK: a row inserted since planning expires after the bound, so
-        // ATTACH refused it. A fresh plan has a bound beyond it.
+        // ATTACH refused it. A fresh plan has a bound beyond it, or moves it to the default
+        // partition.
         const fresh = await planTable(pool, plan.facts.shape, settings);
         if (typeof fresh === 'string') throw new SchemaError([fresh]);
         plan = fresh;

@@ -5,15 +5,8 @@
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { indexName, truncateName } from '../install.js';
-import { keyReading } from '../sweep/partitions.js';
-import { instantOfValue } from '../targets/time.js';
-import {
-  expiryColumnName,
-  qualifiedName,
-  regclassOf,
-  relationIdentifier,
-  type TableShape,
-} from '../schema.js';
+import { keyReading, readLongestLifetime, type LifetimeReading } from '../sweep/partitions.js';
+import { expiryColumnName, qualifiedName, regclassOf, type TableShape } from '../schema.js';
 
 export interface IndexFacts {
   name: string;
@@ -54,13 +47,16 @@ export interface TableFacts {
   heapPages: number;
   storageParameters: string[] | null;
   indexes: IndexFacts[];
+  /** Whether the name the default partition would get is taken (see conversionNames). */
+  defaultNameTaken: boolean;
+  /** The columns an INSERT may name (all but generated ones), in order. */
+  insertableColumns: string[];
   /** CHECK constraints other than the conversion's own bound. */
   checks: { name: string; definition: string }[];
   triggers: TriggerFacts[];
   ownedSequences: { schema: string; name: string; column: string }[];
   grants: GrantFacts[];
-  /** Epoch milliseconds on the database clock; latest is the latest expiry, null when empty. */
-  clock: { now: number; latest: number | null };
+  clock: LifetimeReading;
   problems: string[];
 }
 
@@ -79,6 +75,8 @@ const tableRow = z.object({
   rules: z.boolean(),
   policies: z.boolean(),
   legacyNameTaken: z.boolean(),
+  defaultNameTaken: z.boolean(),
+  insertableColumns: z.array(z.string()),
 });
 const indexRow = z.object({
   name: z.string(),
@@ -107,7 +105,6 @@ const grantRow = z.object({
   grantable: z.boolean(),
   column: z.string().nullable(),
 });
-const clockRow = z.object({ now: z.number(), latest: z.number().nullable() });
 
 export async function readTableFacts(pool: DatabasePool, shape: TableShape): Promise<TableFacts> {
   const table = regclassOf(shape.relation);
@@ -139,7 +136,13 @@ export async function readTableFacts(pool: DatabasePool, shape: TableShape): Pro
            EXISTS (SELECT 1 FROM pg_catalog.pg_policy WHERE polrelid = c.oid) AS policies,
            EXISTS (SELECT 1 FROM pg_catalog.pg_class other
                    WHERE other.relnamespace = c.relnamespace AND other.relname = ${names.legacy})
-             AS "legacyNameTaken"
+             AS "legacyNameTaken",
+           EXISTS (SELECT 1 FROM pg_catalog.pg_class other
+                   WHERE other.relnamespace = c.relnamespace AND other.relname = ${names.defaultPartition})
+             AS "defaultNameTaken",
+           ARRAY(SELECT attname::text FROM pg_catalog.pg_attribute
+                 WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+                 ORDER BY attnum) AS "insertableColumns"
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = ${expiry}
     WHERE c.oid = ${table}
@@ -220,14 +223,8 @@ export async function readTableFacts(pool: DatabasePool, shape: TableShape): Pro
     CROSS JOIN LATERAL aclexplode(a.attacl) acl
     WHERE c.oid = ${table} AND acl.grantee <> c.relowner
   `);
-  // The latest expiry as an instant; an infinite one says nothing about token lifetimes.
   const reading = keyReading(shape);
-  const clock = await pool.one(sql.type(clockRow)`
-    SELECT (extract(epoch FROM now()) * 1000)::float8 AS now,
-           (extract(epoch FROM ${instantOfValue(sql.fragment`latest`, reading)}) * 1000)::float8 AS latest
-    FROM (SELECT max(${sql.identifier([expiry])}) AS latest FROM ${relationIdentifier(shape.relation)}
-          WHERE isfinite(${sql.identifier([expiry])})) latest
-  `);
+  const clock = await readLongestLifetime(pool, shape);
 
   const problems: string[] = [];
   const byHand = 'or convert the table by hand';
@@ -321,6 +318,8 @@ export async function readTableFacts(pool: DatabasePool, shape: TableShape): Pro
     currentUser: facts.currentUser,
     heapPages: facts.heapPages,
     storageParameters: facts.storageParameters,
+    defaultNameTaken: facts.defaultNameTaken,
+    insertableColumns: facts.insertableColumns,
     indexes: [...indexes],
     checks: constraints
       .filter((constraint) => constraint.type === 'c' && constraint.name !== names.check)
@@ -336,13 +335,15 @@ export async function readTableFacts(pool: DatabasePool, shape: TableShape): Pro
 /** The names the conversion gives; each fits PostgreSQL's 63 bytes. */
 export function conversionNames(shape: TableShape) {
   const table = shape.relation.name;
-  const legacySuffix = '_legacy';
-  const legacy =
+  const withSuffix = (suffix: string) =>
     Buffer.from(table)
-      .subarray(0, 63 - legacySuffix.length)
-      .toString() + legacySuffix;
+      .subarray(0, 63 - suffix.length)
+      .toString() + suffix;
+  const legacy = withSuffix('_legacy');
   return {
     legacy,
+    /** Made only when rows expire at or after the bound (see conversion-plan.ts). */
+    defaultPartition: withSuffix('_default'),
     check: truncateName(`${table}_${expiryColumnName(shape)!}_bound`),
     /**
      * What an index of the table is called once it belongs to the legacy partition: the name

@@ -36,7 +36,10 @@ import { walkTidRanges, type BatchReport } from './tid-range.js';
 
 export interface Partition extends Relation {
   isDefault: boolean;
-  /** Epoch milliseconds; null for MINVALUE (lower) or MAXVALUE (upper) and for the default. */
+  /**
+   * Epoch milliseconds; null for the default. MINVALUE reads as -Infinity and MAXVALUE as
+   * Infinity: for the partitions made ahead, they mean what '-infinity' and 'infinity' mean.
+   */
   lower: number | null;
   upper: number | null;
   /** Every row is expired: the upper bound is at or before now() on the database clock. */
@@ -87,6 +90,14 @@ const LOCK_NOT_AVAILABLE = '55P03';
 const DAY_MS = 86_400_000;
 /** A margin of days on top of the longest token lifetime stored, for the premake horizon. */
 export const PREMAKE_MARGIN_DAYS = 7;
+/**
+ * The longest token lifetime a stored expiry is taken for. An expiry further ahead is no
+ * lifetime but a way to say "never" ('9999-12-31', an integer's maximum), like 'infinity':
+ * making partitions up to it would mean millions of them. Such rows stay in the default
+ * partition. PARTITION_PREMAKE_DAYS makes partitions further ahead for tokens that really
+ * live longer.
+ */
+export const LONGEST_INFERRED_LIFETIME_DAYS = 400;
 
 /**
  * How many days of partitions to keep ahead of now(): PARTITION_PREMAKE_DAYS, or the longest
@@ -98,6 +109,38 @@ export function premakeHorizonDays(premakeDays: number | null, longestLifetimeMs
     premakeDays ??
     Math.max(PREMAKE_MARGIN_DAYS, Math.ceil(longestLifetimeMs / DAY_MS) + PREMAKE_MARGIN_DAYS)
   );
+}
+
+/** The database clock, and the longest token lifetime stored; both in milliseconds. */
+export interface LifetimeReading {
+  now: number;
+  /** 0 when no row expires within LONGEST_INFERRED_LIFETIME_DAYS from now. */
+  longestLifetimeMs: number;
+}
+
+/**
+ * How far ahead of now the latest expiry stored lies, counting only the expiries that can be
+ * a token's lifetime: in the future, and at most LONGEST_INFERRED_LIFETIME_DAYS away. Past,
+ * infinite and far-future ones say nothing about how far ahead partitions are needed.
+ */
+export async function readLongestLifetime(
+  pool: DatabasePool,
+  shape: Pick<TableShape, 'relation' | 'expiry'>,
+): Promise<LifetimeReading> {
+  const reading = keyReading(shape);
+  const column = sql.identifier([expiryColumnName(shape)!]);
+  const instant = instantOfValue(column, reading);
+  return pool.one(sql.type(z.object({ now: z.number(), longestLifetimeMs: z.number() }))`
+    SELECT (extract(epoch FROM now()) * 1000)::float8 AS now,
+           coalesce((extract(epoch FROM ${instantOfValue(sql.fragment`latest`, reading)} - now()) * 1000)::float8, 0)
+             AS "longestLifetimeMs"
+    -- max() of the column itself, which the expiry index answers by walking down from the
+    -- top past the few rows that say "never"; the reading is monotonic, so the latest value
+    -- is the latest instant.
+    FROM (SELECT max(${column}) AS latest FROM ${relationIdentifier(shape.relation)}
+          WHERE ${instant} > now()
+            AND ${instant} <= now() + make_interval(days => ${LONGEST_INFERRED_LIFETIME_DAYS})) latest
+  `);
 }
 
 const partitionRow = z.object({
@@ -144,8 +187,10 @@ export async function listPartitions(pool: DatabasePool, shape: TableShape): Pro
       FROM bounds
     )
     SELECT schema, name, is_default AS "isDefault",
-           (extract(epoch FROM lower_bound) * 1000)::float8 AS lower,
-           (extract(epoch FROM upper_bound) * 1000)::float8 AS upper,
+           CASE WHEN NOT is_default
+                THEN coalesce((extract(epoch FROM lower_bound) * 1000)::float8, '-Infinity') END AS lower,
+           CASE WHEN NOT is_default
+                THEN coalesce((extract(epoch FROM upper_bound) * 1000)::float8, 'Infinity') END AS upper,
            -- Expired: every row's expiry, plus the time expired rows are kept, has passed.
            coalesce(NOT is_default AND upper_bound <= now() - make_interval(secs => ${keep}), false)
              AS expired,
@@ -209,7 +254,7 @@ export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionS
   }
 
   // 2. Partitions ahead, before anything else can fail, so inserts keep their partition.
-  const planned = await planPartitions(pool, shape, partitions, config);
+  const { planned, horizonDays } = await planPartitions(pool, shape, partitions, config);
   if (dryRun) {
     result.partitionsToCreate = planned.map((partition) => partition.name);
   } else {
@@ -251,16 +296,37 @@ export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionS
 
   const defaultPartition = partitions.find((partition) => partition.isDefault);
   if (defaultPartition) {
-    result.rowsInDefaultPartition = await pool.oneFirst(
-      sql.type(z.object({ count: z.number() }))`
-        SELECT count(*)::int AS count FROM ${relationIdentifier(defaultPartition)}
+    // Rows that expire beyond the partitions made ahead (mostly 'infinity' or a far-off date
+    // that means "never") belong there for good; only the others call for partitions.
+    const instant = instantOfValue(sql.identifier([expiryColumnName(shape)!]), keyReading(shape));
+    const counts = await pool.one(
+      sql.type(z.object({ rows: z.number(), beyondHorizon: z.number() }))`
+        SELECT count(*)::int AS rows,
+               count(*) FILTER (WHERE ${instant} >= now() + make_interval(days => ${horizonDays}))::int
+                 AS "beyondHorizon"
+        FROM ${relationIdentifier(defaultPartition)}
       `,
     );
-    if (result.rowsInDefaultPartition > 0) {
+    result.rowsInDefaultPartition = counts.rows;
+    if (counts.rows > 0) {
+      const partition = qualifiedName(defaultPartition);
+      const withoutPartition = counts.rows - counts.beyondHorizon;
       log.warn(
         'sweep.default_partition_rows',
-        `${qualifiedName(defaultPartition)} holds ${result.rowsInDefaultPartition} live rows: inserts found no partition for their expiry. Make partitions further ahead (PARTITION_PREMAKE_DAYS), then move the rows.`,
-        { table, partition: qualifiedName(defaultPartition), rows: result.rowsInDefaultPartition },
+        [
+          `${partition} holds ${counts.rows} live rows.`,
+          ...(withoutPartition > 0
+            ? [
+                `${withoutPartition} found no partition for their expiry: make partitions further ahead (PARTITION_PREMAKE_DAYS), then move the rows.`,
+              ]
+            : []),
+          ...(counts.beyondHorizon > 0
+            ? [
+                `${counts.beyondHorizon} expire more than ${horizonDays} days ahead, beyond any partition made ahead ('infinity', or a far-off date that means never): they stay there, and every sweep walks them.`,
+              ]
+            : []),
+        ].join(' '),
+        { table, partition, rows: counts.rows, rowsBeyondHorizon: counts.beyondHorizon },
       );
     }
   }
@@ -284,33 +350,33 @@ async function planPartitions(
   shape: TableShape,
   partitions: readonly Partition[],
   config: PartitionConfig,
-): Promise<PlannedPartition[]> {
-  const reading = keyReading(shape);
-  const column = sql.identifier([expiryColumnName(shape)!]);
-  const clock = await pool.one(sql.type(z.object({ now: z.number(), longestMs: z.number() }))`
-    SELECT (extract(epoch FROM now()) * 1000)::float8 AS now,
-           coalesce((extract(epoch FROM ${instantOfValue(sql.fragment`latest`, reading)} - now()) * 1000)::float8, 0)
-             AS "longestMs"
-    -- max() of the column itself, which the expiry index answers without a scan; the reading
-    -- is monotonic, so the latest value is the latest instant. An infinite expiry says
-    -- nothing about how far ahead partitions are needed.
-    FROM (SELECT max(${column}) AS latest FROM ${relationIdentifier(shape.relation)}
-          WHERE isfinite(${column})) latest
-  `);
-  const horizonDays = premakeHorizonDays(config.premakeDays, clock.longestMs);
+): Promise<{ planned: PlannedPartition[]; horizonDays: number }> {
+  const clock = await readLongestLifetime(pool, shape);
+  const horizonDays = premakeHorizonDays(config.premakeDays, clock.longestLifetimeMs);
   const horizon = clock.now + horizonDays * DAY_MS;
 
-  const ranged = partitions.filter(
-    (partition) => partition.lower !== null && partition.upper !== null,
+  const bounded = partitions.filter((partition) => !partition.isDefault);
+  const ranged = bounded.filter(
+    (partition) => Number.isFinite(partition.lower) && Number.isFinite(partition.upper),
   );
   const newest = ranged.at(-1);
   const width = newest ? newest.upper! - newest.lower! : DAY_MS;
-  if (width <= 0) return [];
-  let lower = newest ? newest.upper! : Math.floor(clock.now / DAY_MS) * DAY_MS;
-  if (partitions.some((partition) => partition.upper === null && !partition.isDefault)) return [];
+  const planned: PlannedPartition[] = [];
+  // A partition that runs on to MAXVALUE or 'infinity' leaves no room to make any; one from
+  // 'infinity' on holds only rows that never expire.
+  const openEnded = bounded.some(
+    (partition) => partition.upper === Infinity && partition.lower !== Infinity,
+  );
+  if (width <= 0 || openEnded) return { planned, horizonDays };
+  // After the newest partition; without one, after the one from MINVALUE or '-infinity'.
+  let lower =
+    newest?.upper ??
+    Math.max(
+      Math.floor(clock.now / DAY_MS) * DAY_MS,
+      ...bounded.map((partition) => partition.upper!).filter(Number.isFinite),
+    );
   if (lower + width <= clock.now) lower += Math.floor((clock.now - lower) / width) * width;
 
-  const planned: PlannedPartition[] = [];
   while (lower < horizon) {
     planned.push({
       name: partitionName(shape.relation.name, lower, width),
@@ -319,7 +385,7 @@ async function planPartitions(
     });
     lower += width;
   }
-  return planned;
+  return { planned, horizonDays };
 }
 
 /** `<table>_pYYYYMMDD`, with `_HHMM` for partitions narrower than a day; at most 63 bytes. */
