@@ -1,6 +1,7 @@
 // `token-reaper start` as a real child process: its schedule, its signals, and its behaviour
-// when a sweep fails. Overlap tests make a sweep provably "in flight" by holding a row lock
-// on the last dead row: the batch that reaches it waits, visibly, in pg_stat_activity.
+// when a sweep fails. Overlap tests make a sweep provably "in flight" by holding a lock on the
+// password-resets table, which it sweeps last: its batch there waits, visibly, in
+// pg_stat_activity. (A row lock would not hold it: the sweep skips locked rows.)
 import { expect } from 'chai';
 import type pg from 'pg';
 import { runCli, spawnDaemon, waitFor, type ProcessHandle } from './support/cli.js';
@@ -18,13 +19,11 @@ async function prepare(database: TestDatabase, schema: string, count: number) {
   };
 }
 
-/** Locks the dead refresh token stored last, so the sweep's batch that reaches it waits. */
-async function holdLastDeadRow(database: TestDatabase, schema: string) {
+/** Locks the password-resets table against writes, so the sweep's batch that reaches it waits. */
+async function holdPasswordResets(database: TestDatabase, schema: string) {
   const client: pg.PoolClient = await database.pool.connect();
   await client.query('BEGIN');
-  await client.query(
-    `SELECT id FROM ${schema}.refresh_tokens WHERE revoked ORDER BY ctid DESC LIMIT 1 FOR UPDATE`,
-  );
+  await client.query(`LOCK TABLE ${schema}.password_resets IN SHARE MODE`);
   return {
     release: async () => {
       await client.query('COMMIT');
@@ -43,7 +42,7 @@ async function sweepIsWaitingOnALock(database: TestDatabase) {
       );
       return rows.length > 0;
     },
-    { timeoutMs: 15_000, message: 'a sweep batch waiting on the held row lock' },
+    { timeoutMs: 15_000, message: 'a sweep batch waiting on the held lock' },
   );
 }
 
@@ -107,7 +106,7 @@ describe('token-reaper start', () => {
 
   it('never runs two sweeps at once when SIGUSR1 arrives in quick succession', async () => {
     const tables = await prepare(database.current, 'overlap', 5_000);
-    const lock = await holdLastDeadRow(database.current, 'overlap');
+    const lock = await holdPasswordResets(database.current, 'overlap');
     const daemon = spawnDaemon(['start'], { DATABASE_URL: database.url, ...tables });
     try {
       await daemon.waitForLog('daemon.started');
@@ -130,7 +129,7 @@ describe('token-reaper start', () => {
 
   it('lets one of two processes sweep and makes the other log sweep.skipped', async () => {
     const tables = await prepare(database.current, 'replicas', 5_000);
-    const lock = await holdLastDeadRow(database.current, 'replicas');
+    const lock = await holdPasswordResets(database.current, 'replicas');
     const first = spawnDaemon(['start'], { DATABASE_URL: database.url, ...tables });
     try {
       await first.waitForLog('daemon.started');
@@ -175,7 +174,7 @@ describe('token-reaper start', () => {
 
   it('exits at once with 128+n when the stop signal comes again', async () => {
     const tables = await prepare(database.current, 'forced', 5_000);
-    const lock = await holdLastDeadRow(database.current, 'forced');
+    const lock = await holdPasswordResets(database.current, 'forced');
     const daemon = spawnDaemon(['start'], { DATABASE_URL: database.url, ...tables });
     try {
       await daemon.waitForLog('daemon.started');

@@ -372,13 +372,22 @@ describe('the sweep', () => {
       await sweeper.stop();
       await pool.end();
     });
-    // A row lock in the middle of the table holds the sweep there, in flight, for as long
-    // as the test needs.
-    const holder = await database.current.pool.connect();
-    await holder.query('BEGIN');
-    await holder.query(
-      `SELECT 1 FROM ${table} WHERE ctid >= '(100,0)' AND revoked ORDER BY ctid LIMIT 1 FOR UPDATE`,
+    // A dead row in the middle of the table whose delete waits for an advisory lock holds the
+    // sweep there, in flight, for as long as the test needs. (A lock wait would not: the sweep
+    // gives up on a lock after a moment, skips the row, and retries it after it has finished.
+    // So the trigger polls.)
+    const [middle] = await database.current.query(
+      `SELECT id::text AS id FROM ${table} WHERE ctid >= '(100,0)' AND revoked ORDER BY ctid LIMIT 1`,
     );
+    const holder = await database.current.pool.connect();
+    await holder.query('SELECT pg_advisory_lock(7001)');
+    await holder.query(`CREATE FUNCTION ${schema}.hold() RETURNS trigger LANGUAGE plpgsql
+      AS $$ BEGIN
+        WHILE NOT pg_try_advisory_xact_lock_shared(7001) LOOP PERFORM pg_sleep(0.01); END LOOP;
+        RETURN OLD;
+      END $$`);
+    await holder.query(`CREATE TRIGGER hold BEFORE DELETE ON ${table} FOR EACH ROW
+      WHEN (OLD.id = '${middle!.id as string}') EXECUTE FUNCTION ${schema}.hold()`);
     let outcome: Promise<SweepOutcome> | undefined;
     try {
       outcome = sweeper.sweep('cli');
@@ -387,7 +396,7 @@ describe('the sweep', () => {
         message: 'a sweep.progress line',
       });
     } finally {
-      await holder.query('COMMIT');
+      await holder.query('SELECT pg_advisory_unlock(7001)');
       holder.release();
     }
     finished(await outcome!);

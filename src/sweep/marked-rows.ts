@@ -10,10 +10,9 @@
 // same ctid names a row in every partition. The predicate is checked again by the DELETE, so
 // a row restored since the SELECT stays. A TID scan visits its list in sorted order, so this
 // locks rows in physical order, like the sweep's TID-range batches: the two cannot deadlock.
-// Rows another transaction has locked are skipped (FOR UPDATE SKIP LOCKED), not waited on: a
-// foreign-key check in the auth service holds FOR KEY SHARE on a token for the length of its
-// transaction, and one such row must not stall every other deletion. What is left, locked or
-// revoked since, is counted at the end (`remaining`), so the caller can come back for it.
+// A row another transaction holds locked is deleted around, not waited on
+// (locked-rows.ts): it is left, counted in `skipped`, and kept out of the later batches, so
+// that the caller can come back for it.
 // The re-check is wrapped in coalesce(…, false), which means the same, so that the planner
 // cannot match it to the partial index: right after a burst, statistics still say almost
 // nothing is revoked, and it would scan the whole partial index for every batch instead of
@@ -21,7 +20,8 @@
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import { retryOnDeadlock } from '../db.js';
-import { deletion, markerIndexPredicate, purgeablePredicate } from '../predicates.js';
+import { countDeleted, deleteAroundLockedRows, withinRowLockWait } from '../locked-rows.js';
+import { markerIndexPredicate, purgeablePredicate } from '../predicates.js';
 import { relationIdentifier, type Relation, type TableShape } from '../schema.js';
 
 export const MARKED_ROWS_BATCH = 5_000;
@@ -30,11 +30,12 @@ export interface MarkedRowsResult {
   /** Rows deleted, or in count mode the rows that would be. */
   rows: number;
   batches: number;
-  /** Delete mode: the marked rows still there at the end, mostly ones another transaction locked. */
-  remaining: number;
+  /** Delete mode: marked rows left because another transaction held them locked. */
+  skipped: number;
 }
 
 const countRow = z.object({ count: z.number() });
+const ctidRow = z.object({ ctid: z.string() });
 
 export async function deleteMarkedRows(
   pool: DatabasePool,
@@ -54,30 +55,45 @@ export async function deleteMarkedRows(
     const rows = await pool.oneFirst(
       sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${marked}`,
     );
-    return { rows, batches: 0, remaining: 0 };
+    return { rows, batches: 0, skipped: 0 };
   }
+  const skipped: string[] = [];
+  const next = () => sql.fragment`SELECT ctid FROM ${table} WHERE ${indexed} AND ${marked}
+    ${skipped.length > 0 ? sql.fragment`AND ctid <> ALL(${sql.array(skipped, 'tid')})` : sql.fragment``}
+    LIMIT ${MARKED_ROWS_BATCH}`;
+  const deleteBatch = () =>
+    pool.connect(async (connection) => {
+      const rows = await withinRowLockWait(connection, relation, (transaction) =>
+        countDeleted(
+          transaction,
+          shape,
+          relation,
+          sql.fragment`ctid = ANY(ARRAY(${next()})) AND coalesce(${marked}, false)`,
+        ),
+      );
+      if (rows !== null) return { rows, listed: rows };
+      // A row lock is in the way: this batch's rows, listed without a lock, in physical order.
+      const listed = await connection.anyFirst(
+        sql.type(ctidRow)`SELECT ctid::text AS ctid FROM (${next()}) batch ORDER BY ctid`,
+      );
+      const around = await deleteAroundLockedRows(connection, {
+        shape,
+        relation,
+        keys: listed,
+        where: (part) =>
+          sql.fragment`ctid = ANY(${sql.array([...part], 'tid')}) AND coalesce(${marked}, false)`,
+      });
+      skipped.push(...around.skippedKeys);
+      return { rows: around.rows, listed: listed.length };
+    });
   let rows = 0;
   let batches = 0;
   for (;;) {
-    const batchRows = await retryOnDeadlock(() =>
-      pool.oneFirst(sql.type(countRow)`
-      ${deletion(shape, relation, {
-        where: sql.fragment`ctid = ANY(ARRAY(
-            SELECT ctid FROM ${table} WHERE ${indexed} AND ${marked}
-            LIMIT ${MARKED_ROWS_BATCH} FOR UPDATE SKIP LOCKED))
-          AND coalesce(${marked}, false)`,
-        returning: sql.fragment`1 AS one`,
-      })}
-      SELECT count(*)::int AS count FROM token_reaper_deleted
-    `),
-    );
-    options.onBatch?.(batchRows);
-    rows += batchRows;
+    const batch = await retryOnDeadlock(deleteBatch);
+    options.onBatch?.(batch.rows);
+    rows += batch.rows;
     batches += 1;
-    if (batchRows < MARKED_ROWS_BATCH || options.signal?.aborted) break;
+    if (batch.listed < MARKED_ROWS_BATCH || options.signal?.aborted) break;
   }
-  const remaining = await pool.oneFirst(
-    sql.type(countRow)`SELECT count(*)::int AS count FROM ${table} WHERE ${indexed} AND ${marked}`,
-  );
-  return { rows, batches, remaining };
+  return { rows, batches, skipped: skipped.length };
 }
