@@ -10,20 +10,31 @@
 // A concurrent index build that fails (a killed session, a deadlock) leaves an INVALID
 // index behind, which IF NOT EXISTS would then skip forever. Before each build the plan's
 // index is checked, and an invalid leftover is dropped concurrently and built again.
+//
+// Install runs next to a live auth service, so it never waits silently or without end. A
+// second connection reads pg_blocking_pids while the plan runs and logs who is in the way
+// (install.waiting). A DDL that would hold the auth service's writes in the lock queue waits
+// there for a second at most, then rolls back and tries again later (install.lock_timeout),
+// like the sweep's partition DDL. A concurrent build blocks no writer and waits in one go.
+// Either gives up after INSTALL_LOCK_TIMEOUT, naming the blockers.
 import { createHash } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
+import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import type pg from 'pg';
 import { sql, type CommonQueryMethods } from 'slonik';
 import { z } from 'zod';
 import { escapeIdentifier, escapeLiteral } from 'pg';
 import type { Config } from './config.js';
+import { APPLICATION_NAME, createSessionClient } from './db.js';
 import { NewerSchemaVersionError } from './errors.js';
-import type { Logger } from './logger.js';
+import { retryOnLockTimeout } from './retry.js';
+import { serializeError, type Logger } from './logger.js';
 import {
   expiryTimeColumn,
   markerColumn,
   qualifiedName,
+  REVOKE_TRIGGER_NAME,
   type Relation,
   type TableShape,
 } from './schema.js';
@@ -44,6 +55,8 @@ export interface InstallStep {
    */
   statements: InstallStatement[];
   checksum: string;
+  /** The tables this step puts the revoke trigger on (schema-qualified, quoted). */
+  triggerTables: string[];
   /** Records the step in token_reaper.schema_version. */
   recordSql: string;
 }
@@ -237,6 +250,9 @@ export async function buildInstallPlan(
       transactional: file.transactional,
       statements,
       checksum,
+      triggerTables: file.text.includes(`TRIGGER ${REVOKE_TRIGGER_NAME}`)
+        ? shapes.filter((shape) => inScope(file, shape)).map((shape) => quotedName(shape.relation))
+        : [],
       recordSql:
         `INSERT INTO token_reaper.schema_version (version, name, checksum) ` +
         `VALUES (${file.version}, ${escapeLiteral(file.file)}, ${escapeLiteral(checksum)}) ` +
@@ -325,14 +341,24 @@ export interface InstallResult {
   unchanged: string[];
 }
 
+/** What apply needs beyond the plan: where to open the watching connection, and its patience. */
+export type InstallSettings = Parameters<typeof createSessionClient>[0] &
+  Pick<Config, 'installLockTimeoutSeconds'>;
+
 export async function applyInstallPlan(
   client: pg.Client,
   steps: readonly InstallStep[],
   logger: Logger,
+  settings: InstallSettings,
 ): Promise<InstallResult> {
   const log = logger.child('install');
   await acquireInstallLock(client, log);
+  const watch = await watchBlockers(client, settings, log);
+  const patience = { watch, log, budgetMs: settings.installLockTimeoutSeconds * 1000 };
   try {
+    // The session's lock_timeout bounds every wait outside the short DDL transactions: the
+    // concurrent index builds, and the drop of an index a failed build left invalid.
+    await client.query(`SELECT set_config('lock_timeout', $1, false)`, [`${patience.budgetMs}ms`]);
     const recorded = await recordedVersions(client);
     const newest = Math.max(0, ...recorded.keys());
     const known = Math.max(0, ...steps.map((step) => step.version));
@@ -343,26 +369,26 @@ export async function applyInstallPlan(
     }
     const result: InstallResult = { applied: [], unchanged: [] };
     for (const step of steps) {
-      if (recorded.get(step.version) === step.checksum) {
+      if (recorded.get(step.version) === step.checksum && !(await objectsMissing(client, step))) {
         result.unchanged.push(step.file);
         continue;
       }
+      watch.file = step.file;
       const started = performance.now();
       if (step.transactional) {
-        await inTransaction(client, async () => {
+        await inShortLockTransactions(client, step.file, patience, async () => {
           await client.query(sqlOf(step));
           await client.query(step.recordSql);
         });
       } else {
         for (const statement of step.statements) {
           if (statement.index) {
-            await dropInvalidIndex(client, statement.index, log);
-            log.info('install.building_index', `building ${statement.index.name} concurrently`, {
-              file: step.file,
-              index: `${statement.index.schema}.${statement.index.name}`,
-            });
+            await buildConcurrently(client, step.file, statement.sql, statement.index, patience);
+          } else {
+            await inShortLockTransactions(client, step.file, patience, () =>
+              client.query(statement.sql),
+            );
           }
-          await client.query(statement.sql);
         }
         await client.query(step.recordSql);
       }
@@ -375,11 +401,274 @@ export async function applyInstallPlan(
     }
     return result;
   } finally {
+    await watch.stop();
+    await client.query('RESET lock_timeout');
     await client.query('SELECT pg_advisory_unlock($1, $2)', [
       INSTALL_LOCK.classId,
       INSTALL_LOCK.objectId,
     ]);
   }
+}
+
+/**
+ * How long a statement that blocks the auth service's writes may wait in the lock queue in one
+ * attempt: CREATE TRIGGER (SHARE ROW EXCLUSIVE on the table), an index ON ONLY a partitioned
+ * table (SHARE), ATTACH PARTITION (ACCESS EXCLUSIVE on the partition's index, which every write
+ * to the partition opens). Every write that comes meanwhile queues behind it, so this is the
+ * most install holds up an auth write. Against ordinary traffic the lock comes within
+ * milliseconds; only a long transaction makes an attempt give up.
+ */
+export const DDL_LOCK_ATTEMPT_TIMEOUT_MS = 1_000;
+/**
+ * The longest pause between two attempts (before jitter, which takes up to half off). Long
+ * pauses keep the auth service's writes flowing while a long transaction is in install's way:
+ * they queue for at most a second in every six to eleven. Install is not in a hurry.
+ */
+const DDL_RETRY_PAUSE_LIMIT_MS = 10_000;
+const LOCK_NOT_AVAILABLE = '55P03';
+
+interface Patience {
+  watch: BlockerWatch;
+  log: Logger;
+  /** INSTALL_LOCK_TIMEOUT: how long one DDL transaction, retried, or one build may wait. */
+  budgetMs: number;
+}
+
+/**
+ * Runs `work` in a transaction whose lock waits end after DDL_LOCK_ATTEMPT_TIMEOUT_MS; one that
+ * gives up rolls back whole and is tried again after a growing, jittered pause, holding no lock
+ * meanwhile, until INSTALL_LOCK_TIMEOUT is spent (the sweep's partition DDL works the same way).
+ */
+async function inShortLockTransactions(
+  client: pg.Client,
+  file: string,
+  { watch, log, budgetMs }: Patience,
+  work: () => Promise<unknown>,
+) {
+  let attemptStarted = 0;
+  const outcome = await retryOnLockTimeout(
+    { lockTimeoutMs: DDL_LOCK_ATTEMPT_TIMEOUT_MS, maxPauseMs: DDL_RETRY_PAUSE_LIMIT_MS, budgetMs },
+    async () => {
+      attemptStarted = performance.now();
+      await inTransaction(client, async () => {
+        await client.query(`SELECT set_config('lock_timeout', $1, true)`, [
+          `${DDL_LOCK_ATTEMPT_TIMEOUT_MS}ms`,
+        ]);
+        await work();
+      });
+    },
+    ({ attempt, waitedMs, pauseMs }) => {
+      if (pauseMs === null) return;
+      const blockers = watch.blockersSince(attemptStarted);
+      log.warn(
+        'install.lock_timeout',
+        `${file} did not get its lock within ${DDL_LOCK_ATTEMPT_TIMEOUT_MS} ms, ${describeBlockers(blockers)}; trying again in ${formatSeconds(pauseMs)}`,
+        {
+          file,
+          attempt,
+          lockTimeoutMs: DDL_LOCK_ATTEMPT_TIMEOUT_MS,
+          waitedMs,
+          retryInMs: pauseMs,
+          blockers,
+        },
+      );
+    },
+  );
+  if ('gaveUp' in outcome) {
+    throw new InstallLockTimeoutError(
+      file,
+      outcome.gaveUp.waitedMs,
+      watch.blockersSince(attemptStarted),
+      false,
+    );
+  }
+}
+
+/**
+ * CREATE INDEX CONCURRENTLY never blocks the auth service's writes, so it waits in one go,
+ * under the session's lock_timeout (INSTALL_LOCK_TIMEOUT), for the transactions it must
+ * outlast. Given up, the build leaves an invalid index, which the next install drops first.
+ */
+async function buildConcurrently(
+  client: pg.Client,
+  file: string,
+  statementSql: string,
+  index: NonNullable<InstallStatement['index']>,
+  { watch, log }: Patience,
+) {
+  const started = performance.now();
+  try {
+    await dropInvalidIndex(client, index, log);
+    log.info('install.building_index', `building ${index.name} concurrently`, {
+      file,
+      index: `${index.schema}.${index.name}`,
+    });
+    await client.query(statementSql);
+  } catch (error) {
+    if (serializeError(error).code !== LOCK_NOT_AVAILABLE) throw error;
+    const blockers = watch.blockersSince(started);
+    throw new InstallLockTimeoutError(file, performance.now() - started, blockers, true);
+  }
+}
+
+/** Install waited INSTALL_LOCK_TIMEOUT for a lock: a runtime failure (exit 1), worth a retry. */
+export class InstallLockTimeoutError extends Error {
+  override readonly name = 'InstallLockTimeoutError';
+  constructor(
+    readonly file: string,
+    waitedMs: number,
+    readonly blockers: readonly Blocker[],
+    concurrentBuild: boolean,
+  ) {
+    super(
+      `install gave up on ${file} after waiting ${formatSeconds(waitedMs)} for locks, ${describeBlockers(blockers)}. ` +
+        (concurrentBuild
+          ? 'The index it was building is left invalid; the next install drops it and builds it again. '
+          : 'That step was rolled back whole. ') +
+        'Run install again once the transactions in its way have ended; INSTALL_LOCK_TIMEOUT sets how long install waits.',
+    );
+  }
+}
+
+/**
+ * A session in install's way, as pg_stat_activity shows it. Never its query: the auth
+ * service's statements can carry token values.
+ */
+export interface Blocker {
+  pid: number;
+  applicationName: string | null;
+  state: string | null;
+  /** ISO 8601. */
+  xactStart: string | null;
+  queryStart: string | null;
+  waitEventType: string | null;
+}
+
+interface BlockerWatch {
+  /** The step being applied, named in install.waiting. */
+  file: string | null;
+  /** The blockers found by the latest reading since `since` (performance.now()) that found any. */
+  blockersSince(since: number): Blocker[];
+  stop(): Promise<void>;
+}
+
+/**
+ * Often enough to catch the blockers of every DDL attempt (DDL_LOCK_ATTEMPT_TIMEOUT_MS), and
+ * cheap: pg_blocking_pids, which takes the lock manager's locks, runs only while install waits.
+ */
+const BLOCKER_READ_INTERVAL_MS = 500;
+/** install.waiting is logged at most this often while install stays blocked. */
+const WAITING_LOG_INTERVAL_MS = 5_000;
+
+/**
+ * Watches install's session from a second connection while the plan runs, reading
+ * pg_blocking_pids, and logs install.waiting with the blockers while it is blocked. Without a
+ * second connection install goes on unwatched: the watch explains waits, it bounds none.
+ */
+async function watchBlockers(
+  client: pg.Client,
+  settings: InstallSettings,
+  log: Logger,
+): Promise<BlockerWatch> {
+  let latest: { at: number; blockers: Blocker[] } = { at: -Infinity, blockers: [] };
+  const watch: BlockerWatch = {
+    file: null,
+    blockersSince: (since) => (latest.at >= since ? latest.blockers : []),
+    stop: async () => undefined,
+  };
+  const installPid = (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid'))
+    .rows[0]!.pid;
+  let watcher: pg.Client;
+  try {
+    watcher = await createSessionClient(settings, log, `${APPLICATION_NAME}-install-watch`);
+  } catch (error) {
+    log.warn(
+      'install.watch_failed',
+      'could not open a second connection to see what install waits for; going on without it',
+      { error },
+    );
+    return watch;
+  }
+  const stopping = new AbortController();
+  let lastLoggedAt = -Infinity;
+  const watching = (async () => {
+    while (!stopping.signal.aborted) {
+      const blockers = await readBlockers(watcher, installPid);
+      const now = performance.now();
+      if (blockers.length > 0) {
+        latest = { at: now, blockers };
+        if (now - lastLoggedAt >= WAITING_LOG_INTERVAL_MS) {
+          lastLoggedAt = now;
+          log.info(
+            'install.waiting',
+            `install is waiting for ${watch.file ?? 'a lock'}, ${describeBlockers(blockers)}`,
+            { file: watch.file, blockers },
+          );
+        }
+      }
+      await delay(BLOCKER_READ_INTERVAL_MS, undefined, { signal: stopping.signal }).catch(
+        () => undefined,
+      );
+    }
+  })().catch((error: unknown) => {
+    log.warn('install.watch_failed', 'stopped watching what install waits for', { error });
+  });
+  watch.stop = async () => {
+    stopping.abort();
+    await watching;
+    await watcher.end().catch(() => undefined);
+  };
+  return watch;
+}
+
+// Instants as ISO strings: the log's redaction copies objects member by member, which turns a
+// Date into {}.
+const instant = z
+  .date()
+  .nullable()
+  .transform((date) => date?.toISOString() ?? null);
+const blockerRow = z.object({
+  pid: z.number(),
+  applicationName: z.string().nullable(),
+  state: z.string().nullable(),
+  xactStart: instant,
+  queryStart: instant,
+  waitEventType: z.string().nullable(),
+});
+
+async function readBlockers(watcher: pg.Client, installPid: number): Promise<Blocker[]> {
+  // pg_blocking_pids is asked only while install waits for a lock; a prepared transaction in
+  // the way appears as pid 0, with no session of its own.
+  const result = await watcher.query(
+    `SELECT DISTINCT blocker.pid, activity.application_name AS "applicationName",
+            activity.state, activity.xact_start AS "xactStart",
+            activity.query_start AS "queryStart", activity.wait_event_type AS "waitEventType"
+     FROM pg_catalog.pg_stat_activity install
+     CROSS JOIN LATERAL unnest(pg_catalog.pg_blocking_pids(install.pid)) AS blocker(pid)
+     LEFT JOIN pg_catalog.pg_stat_activity activity ON activity.pid = blocker.pid
+     WHERE install.pid = $1 AND install.wait_event_type = 'Lock'
+     ORDER BY blocker.pid`,
+    [installPid],
+  );
+  return result.rows.map((row) => blockerRow.parse(row));
+}
+
+/** `held by pid 42 (application "psql", idle in transaction, in a transaction since …)`. */
+function describeBlockers(blockers: readonly Blocker[]) {
+  if (blockers.length === 0) return 'held by a session install could not see';
+  const described = blockers.map((blocker) => {
+    const details = [
+      blocker.applicationName ? `application ${JSON.stringify(blocker.applicationName)}` : null,
+      blocker.state,
+      blocker.xactStart ? `in a transaction since ${blocker.xactStart}` : null,
+    ].filter((detail) => detail !== null);
+    return `pid ${blocker.pid}${details.length > 0 ? ` (${details.join(', ')})` : ''}`;
+  });
+  return `held by ${described.join(', ')}`;
+}
+
+function formatSeconds(milliseconds: number) {
+  return `${(milliseconds / 1000).toFixed(1)} s`;
 }
 
 // Waiting in pg_advisory_lock() would deadlock with the other installer: that waiting
@@ -400,6 +689,39 @@ export async function acquireInstallLock(client: pg.Client, log: Logger) {
     await new Promise((resolve) => setTimeout(resolve, waitMs));
     waitMs = Math.min(waitMs * 2, 1_000);
   }
+}
+
+/** `"schema"."name"`, for to_regclass. */
+function quotedName({ schema, name }: { schema: string; name: string }) {
+  return `${escapeIdentifier(schema)}.${escapeIdentifier(name)}`;
+}
+
+/**
+ * True when something a recorded step made is gone (a trigger or an index dropped by hand, or
+ * by an ORM's schema sync): the checksum alone would call the step done.
+ */
+async function objectsMissing(client: pg.Client, step: InstallStep): Promise<boolean> {
+  if (step.triggerTables.length > 0) {
+    const result = await client.query<{ missing: boolean }>(
+      `SELECT bool_or(NOT EXISTS (
+         SELECT 1 FROM pg_catalog.pg_trigger
+         WHERE tgrelid = to_regclass(name) AND tgname = $2)) AS missing
+       FROM unnest($1::text[]) name`,
+      [step.triggerTables, REVOKE_TRIGGER_NAME],
+    );
+    if (result.rows[0]?.missing === true) return true;
+  }
+  const indexes = step.statements.flatMap((statement) =>
+    statement.index
+      ? [`${escapeIdentifier(statement.index.schema)}.${escapeIdentifier(statement.index.name)}`]
+      : [],
+  );
+  if (indexes.length === 0) return false;
+  const result = await client.query<{ missing: boolean }>(
+    'SELECT bool_or(to_regclass(name) IS NULL) AS missing FROM unnest($1::text[]) name',
+    [indexes],
+  );
+  return result.rows[0]?.missing === true;
 }
 
 async function recordedVersions(client: pg.Client): Promise<Map<number, string>> {

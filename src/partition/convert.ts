@@ -46,13 +46,13 @@
 //
 // partition/table-facts.ts reads the table and refuses what cannot be converted safely;
 // partition/conversion-plan.ts turns that into SQL; this file runs it.
-import { setTimeout as delay } from 'node:timers/promises';
 import type pg from 'pg';
 import type { DatabasePool } from 'slonik';
 import type { Config, PartitionConfig } from '../config.js';
 import { createDatabasePool, createPlainClient } from '../db.js';
 import { SchemaError } from '../errors.js';
 import { acquireInstallLock, dropInvalidIndex } from '../install.js';
+import { retryOnLockTimeout } from '../retry.js';
 import { serializeError, type Logger } from '../logger.js';
 import {
   formatPlans,
@@ -71,7 +71,6 @@ export interface ConvertOptions {
   print: boolean;
 }
 
-const LOCK_NOT_AVAILABLE = '55P03';
 const CHECK_VIOLATION = '23514';
 
 /** Returns the exit code. */
@@ -215,7 +214,7 @@ async function swapTable(
 ): Promise<{ lockMs: number; commitMs: number; attempts: number }> {
   let plan = initialPlan;
   let attempts = 0;
-  const result = await retryOnLockTimeout(settings, log, plan.table, async () => {
+  const result = await retryOnShortLock(settings, log, plan.table, async () => {
     attempts += 1;
     try {
       await client.query(`${swapPreamble(settings).join('\n')}\n${plan.lock}`);
@@ -253,7 +252,7 @@ async function withShortLock(
   table: string,
   statement: () => Promise<unknown>,
 ) {
-  await retryOnLockTimeout(settings, log, table, async () => {
+  await retryOnShortLock(settings, log, table, async () => {
     try {
       await client.query(`BEGIN;\n${shortLockSettings(settings)}`);
       await statement();
@@ -267,36 +266,40 @@ async function withShortLock(
 
 /**
  * Runs `attempt` until it returns something other than null, up to the configured number of
- * attempts. A lock that does not come within lock_timeout is retried after a backoff, holding
- * nothing meanwhile: a waiting ACCESS EXCLUSIVE request queues every auth query behind it, so
- * it must never wait for long (the same reasoning as sweep/partitions.ts).
+ * attempts, each lock wait under the short lock_timeout and retried after a backoff
+ * (retry.ts): a waiting ACCESS EXCLUSIVE request queues every auth query behind it, so
+ * it must never wait for long. Null when the attempts ran out on nulls.
  */
-async function retryOnLockTimeout<T>(
+async function retryOnShortLock<T>(
   settings: PartitionConfig,
   log: Logger,
   table: string,
   attempt: () => Promise<T | null>,
 ): Promise<T | null> {
   for (let number = 1; number <= settings.lockAttempts; number += 1) {
-    try {
-      const result = await attempt();
-      if (result !== null) return result;
-    } catch (error) {
-      if (serializeError(error).code !== LOCK_NOT_AVAILABLE) throw error;
-      if (number === settings.lockAttempts) {
-        throw new Error(
-          `could not lock ${table} within ${settings.lockTimeoutMs} ms in ${number} attempts: a long transaction holds it. Run partition convert again later; what is done so far stays done.`,
-          { cause: error },
+    const outcome = await retryOnLockTimeout(
+      {
+        lockTimeoutMs: settings.lockTimeoutMs,
+        attempts: settings.lockAttempts - number + 1,
+        maxPauseMs: 5_000,
+      },
+      attempt,
+      ({ attempt: lockAttempt, pauseMs }) => {
+        if (pauseMs === null) return;
+        log.warn(
+          'partition.lock_timeout',
+          `the lock did not come within ${settings.lockTimeoutMs} ms; trying again`,
+          { table, attempt: lockAttempt, lockTimeoutMs: settings.lockTimeoutMs },
         );
-      }
-      log.warn(
-        'partition.lock_timeout',
-        `the lock did not come within ${settings.lockTimeoutMs} ms; trying again`,
-        { table, attempt: number, lockTimeoutMs: settings.lockTimeoutMs },
+      },
+    );
+    if ('gaveUp' in outcome) {
+      throw new Error(
+        `could not lock ${table} within ${settings.lockTimeoutMs} ms in ${settings.lockAttempts} attempts: a long transaction holds it. Run partition convert again later; what is done so far stays done.`,
+        { cause: outcome.gaveUp.error },
       );
-      const backoff = Math.min(5_000, settings.lockTimeoutMs * 2 ** number);
-      await delay(Math.round(backoff * (0.5 + Math.random() / 2)));
     }
+    if (outcome.value !== null) return outcome.value;
   }
   return null;
 }

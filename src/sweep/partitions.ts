@@ -16,12 +16,10 @@
 // transaction holds the table, the DDL gives up within the timeout, the auth traffic that
 // queued behind it goes on, and the DDL is tried again after a backoff, or left for the next
 // sweep and reported.
-import { setTimeout as delay } from 'node:timers/promises';
 import { sql, type DatabasePool } from 'slonik';
 import { z } from 'zod';
 import type { PartitionConfig } from '../config.js';
 import type { Logger } from '../logger.js';
-import { serializeError } from '../logger.js';
 import {
   expiryColumnName,
   qualifiedName,
@@ -31,6 +29,7 @@ import {
   type TableShape,
 } from '../schema.js';
 import { instantOfBoundText, instantOfValue, type TimeReading } from '../targets/time.js';
+import { retryOnLockTimeout } from '../retry.js';
 import { deleteMarkedRows } from './marked-rows.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
 
@@ -86,7 +85,6 @@ export interface PartitionSweep {
   onStart: (pages: number) => void;
 }
 
-const LOCK_NOT_AVAILABLE = '55P03';
 const DAY_MS = 86_400_000;
 /** A margin of days on top of the longest token lifetime stored, for the premake horizon. */
 export const PREMAKE_MARGIN_DAYS = 7;
@@ -472,9 +470,9 @@ async function createPartition(
 }
 
 /**
- * Runs one DDL statement in a transaction of its own under the configured lock_timeout. A
- * lock that does not come in time is retried after a backoff (holding nothing meanwhile);
- * after the last attempt it returns false. Any other error is thrown.
+ * Runs one DDL in a transaction of its own under PARTITION_LOCK_TIMEOUT_MS, retried up to
+ * PARTITION_LOCK_ATTEMPTS times (retry.ts). False when it never got its lock: the
+ * partition is left for the next sweep.
  */
 async function withLockTimeout(
   pool: DatabasePool,
@@ -484,30 +482,24 @@ async function withLockTimeout(
   context: Record<string, unknown>,
   setup?: ReturnType<typeof sql.unsafe>,
 ): Promise<boolean> {
-  for (let attempt = 1; attempt <= config.lockAttempts; attempt += 1) {
-    try {
-      await pool.transaction(async (transaction) => {
+  const outcome = await retryOnLockTimeout(
+    { lockTimeoutMs: config.lockTimeoutMs, attempts: config.lockAttempts, maxPauseMs: 5_000 },
+    () =>
+      pool.transaction(async (transaction) => {
         await transaction.query(
           sql.unsafe`SELECT set_config('lock_timeout', ${`${config.lockTimeoutMs}ms`}, true)`,
         );
         if (setup) await transaction.query(setup);
         await transaction.query(statement);
-      });
-      return true;
-    } catch (error) {
-      if (serializeError(error).code !== LOCK_NOT_AVAILABLE) throw error;
-      const last = attempt === config.lockAttempts;
+      }),
+    ({ attempt, pauseMs }) =>
       log.warn(
         'sweep.lock_timeout',
-        last
+        pauseMs === null
           ? `gave up on the lock after ${attempt} attempts; the next sweep tries again`
           : `the lock did not come within ${config.lockTimeoutMs} ms; trying again`,
         { ...context, attempt, lockTimeoutMs: config.lockTimeoutMs },
-      );
-      if (last) return false;
-      const backoff = Math.min(5_000, config.lockTimeoutMs * 2 ** attempt);
-      await delay(Math.round(backoff * (0.5 + Math.random() / 2)));
-    }
-  }
-  return false;
+      ),
+  );
+  return 'value' in outcome;
 }
