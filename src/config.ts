@@ -3,8 +3,8 @@
 // instead of one restart per typo. The result is frozen and passed inward from the CLI.
 import { userInfo } from 'node:os';
 import cron from 'node-cron';
-import { parseDsn } from 'slonik';
 import { readFileSync } from 'node:fs';
+import { checkConnectionUrl, ConnectionUrlError, SUPPORTED_URL_PARAMETERS } from './db.js';
 import { ConfigurationError } from './errors.js';
 import { redactUrl } from './redact.js';
 import { readTargetFile } from './targets/config-file.js';
@@ -47,6 +47,12 @@ export interface MetricsConfig {
 
 export interface Config {
   readonly databaseUrl: string;
+  /**
+   * LISTEN_DATABASE_URL, else DATABASE_URL: a session connection (direct to PostgreSQL, or
+   * through a session-mode pooler) for LISTEN, the sweep's advisory lock and install, for when
+   * DATABASE_URL goes through a transaction-mode pooler, which keeps no session.
+   */
+  readonly listenDatabaseUrl: string;
   readonly notifyChannel: string;
   /**
    * What to clean: the file's targets (--config or TOKEN_REAPER_CONFIG), else the two default
@@ -65,9 +71,23 @@ export interface Config {
   readonly metrics: MetricsConfig;
   /** Bounds every statement the daemon runs, so a blocked delete fails instead of hanging. */
   readonly statementTimeoutMs: number;
+  /**
+   * INSTALL_LOCK_TIMEOUT: how long install waits for locks, for one DDL transaction (retried
+   * under a short lock_timeout) or one concurrent index build, before it gives up naming the
+   * blockers.
+   */
+  readonly installLockTimeoutSeconds: number;
   readonly logLevel: LogLevel;
   /** False when NODE_ENV=test: the story's rule, so tests never fire a sweep at 3 am. */
   readonly scheduleEnabled: boolean;
+  readonly health: HealthConfig;
+}
+
+export interface HealthConfig {
+  /** LISTENER_DOWN_UNHEALTHY_AFTER: /healthz fails once the listener has been down this long. */
+  readonly listenerDownUnhealthyAfterSeconds: number;
+  /** READINESS_CHECK_INTERVAL: how often the trigger, the rights and read-only are checked. */
+  readonly readinessCheckIntervalSeconds: number;
 }
 
 export const DEFAULT_SCHEDULE = '0 3 * * *';
@@ -92,6 +112,11 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
   };
 
   const databaseUrl = readDatabaseUrl(read, problems);
+  const listenSetting = read('LISTEN_DATABASE_URL');
+  const listenDatabaseUrl =
+    listenSetting === undefined
+      ? databaseUrl
+      : readConnectionUrl('LISTEN_DATABASE_URL', listenSetting, read, problems);
 
   const schedule = read('REFRESH_TOKEN_CLEANUP_CRON') ?? DEFAULT_SCHEDULE;
   const cronCheck = cron.validateDetailed(schedule);
@@ -165,6 +190,14 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
     1,
     24 * 60 * 60 * 1000,
   );
+  // Outlasts a deploy's migration or a batch job's transaction, and still fails within a CI
+  // job's patience, naming the session, when an idle transaction was left open for good.
+  const installLockTimeoutSeconds = readPositiveDuration(
+    read,
+    problems,
+    'INSTALL_LOCK_TIMEOUT',
+    300,
+  );
 
   const logLevelSetting = (read('LOG_LEVEL') ?? 'info').toLowerCase();
   if (!(LOG_LEVELS as readonly string[]).includes(logLevelSetting)) {
@@ -173,10 +206,26 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
     );
   }
 
+  const health: HealthConfig = {
+    listenerDownUnhealthyAfterSeconds: readPositiveDuration(
+      read,
+      problems,
+      'LISTENER_DOWN_UNHEALTHY_AFTER',
+      300,
+    ),
+    readinessCheckIntervalSeconds: readPositiveDuration(
+      read,
+      problems,
+      'READINESS_CHECK_INTERVAL',
+      30,
+    ),
+  };
+
   if (problems.length > 0) throw new ConfigurationError(problems);
 
   return deepFreeze({
     databaseUrl: databaseUrl!,
+    listenDatabaseUrl: listenDatabaseUrl!,
     notifyChannel,
     targets,
     targetsFile,
@@ -184,8 +233,10 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
     sweep: { schedule, timezone, batchPages, concurrency, partitions },
     metrics,
     statementTimeoutMs,
+    installLockTimeoutSeconds,
     logLevel: logLevelSetting as LogLevel,
     scheduleEnabled: environment.NODE_ENV !== 'test',
+    health,
   });
 }
 
@@ -193,11 +244,13 @@ export function formatTableName(table: QualifiedName): string {
   return table.schema === null ? table.name : `${table.schema}.${table.name}`;
 }
 
+const EXAMPLE_URL = 'postgres://user:password@host:5432/database';
+
 function readDatabaseUrl(
   read: (name: string) => string | undefined,
   problems: string[],
 ): string | undefined {
-  const example = 'postgres://user:password@host:5432/database';
+  const example = EXAMPLE_URL;
   const explicit = read('DATABASE_URL');
   const url = explicit ?? databaseUrlFromPgVariables(read);
   if (url === undefined) {
@@ -207,30 +260,50 @@ function readDatabaseUrl(
     return undefined;
   }
   const source = explicit === undefined ? 'the PG* variables' : 'DATABASE_URL';
+  return readConnectionUrl(source, url, read, problems);
+}
+
+/**
+ * The URL every connection will use, with PGSSLROOTCERT as its sslrootcert when it names none
+ * (libpq's rule), or undefined after a problem. Every connection reads the URL with
+ * checkConnectionUrl's rules; checking it here turns a failure at the first connect into a
+ * configuration error at startup.
+ */
+function readConnectionUrl(
+  source: string,
+  url: string,
+  read: (name: string) => string | undefined,
+  problems: string[],
+): string | undefined {
   let parsed: URL;
   try {
     parsed = new URL(url);
   } catch {
-    problems.push(`${source} is not a valid URL. Use the form ${example}.`);
+    problems.push(`${source} is not a valid URL. Use the form ${EXAMPLE_URL}.`);
     return undefined;
   }
   if (parsed.protocol !== 'postgres:' && parsed.protocol !== 'postgresql:') {
     problems.push(
-      `${source} must start with postgres:// or postgresql://, not ${parsed.protocol}//. Use the form ${example}.`,
+      `${source} must start with postgres:// or postgresql://, not ${parsed.protocol}//. Use the form ${EXAMPLE_URL}.`,
     );
     return undefined;
+  }
+  let effective = url;
+  const rootCertificate = read('PGSSLROOTCERT');
+  if (rootCertificate !== undefined && !parsed.searchParams.has('sslrootcert')) {
+    parsed.searchParams.set('sslrootcert', rootCertificate);
+    effective = parsed.toString();
   }
   try {
-    // The pool parses the URL with this same function; checking it here turns its
-    // failure at the first query into a configuration error at startup.
-    parseDsn(url);
-  } catch {
+    checkConnectionUrl(effective);
+  } catch (error) {
+    if (!(error instanceof ConnectionUrlError)) throw error;
     problems.push(
-      `${source} (${redactUrl(url)}) has a parameter token-reaper cannot use. Supported: sslmode=disable|no-verify|require, sslcert, sslkey, sslrootcert, application_name, options, host (a socket directory).`,
+      `${source} (${redactUrl(url)}) has a parameter token-reaper cannot use: ${error.message}. Supported parameters: ${SUPPORTED_URL_PARAMETERS}; host may name a socket directory.`,
     );
     return undefined;
   }
-  return url;
+  return effective;
 }
 
 // psql's fallbacks: a socket directory in PGHOST becomes the `host` query parameter.
@@ -362,6 +435,22 @@ function readDuration(
     return 0;
   }
   return Number(match[1]) * DURATION_UNITS[match[2] || 's']!;
+}
+
+/** A duration of at least a second, or `fallbackSeconds` when unset. */
+function readPositiveDuration(
+  read: (name: string) => string | undefined,
+  problems: string[],
+  variable: string,
+  fallbackSeconds: number,
+): number {
+  if (read(variable) === undefined) return fallbackSeconds;
+  const known = problems.length;
+  const seconds = readDuration(read, problems, variable);
+  if (seconds === 0 && problems.length === known) {
+    problems.push(`${variable} must be at least 1s.`);
+  }
+  return seconds;
 }
 
 function isTimezone(name: string) {

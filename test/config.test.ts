@@ -1,3 +1,6 @@
+import { rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { expect } from 'chai';
 import { DEFAULT_SCHEDULE, loadConfig } from '../src/config.js';
 import { ConfigurationError } from '../src/errors.js';
@@ -147,5 +150,79 @@ describe('config', () => {
       const problem = problems.find((candidate) => candidate.startsWith(`${variable}=`));
       expect(problem, variable).to.match(pattern);
     }
+  });
+
+  describe('connection URLs', () => {
+    const caFile = join(tmpdir(), `token-reaper-config-test-ca-${process.pid}.crt`);
+    before(() => writeFileSync(caFile, 'read, not parsed, at startup'));
+    after(() => rmSync(caFile, { force: true }));
+
+    it('takes LISTEN_DATABASE_URL for session connections, DATABASE_URL by default', () => {
+      expect(loadConfig(minimal).listenDatabaseUrl).to.equal(minimal.DATABASE_URL);
+      const direct = 'postgres://reaper:secret@primary.internal:5432/auth';
+      const config = loadConfig({
+        DATABASE_URL: 'postgres://reaper:secret@pgbouncer.internal:6432/auth',
+        LISTEN_DATABASE_URL: direct,
+      });
+      expect(config.listenDatabaseUrl).to.equal(direct);
+    });
+
+    it('reports a bad LISTEN_DATABASE_URL by name, without echoing its password', () => {
+      const [malformed] = problemsOf({ ...minimal, LISTEN_DATABASE_URL: 'mysql://u:hunter2@db/a' });
+      expect(malformed).to.match(/^LISTEN_DATABASE_URL must start with postgres:\/\//);
+      const [unsupported] = problemsOf({
+        ...minimal,
+        LISTEN_DATABASE_URL: 'postgres://u:hunter2@db/auth?keepalives=1',
+      });
+      expect(unsupported)
+        .to.match(/^LISTEN_DATABASE_URL .* the parameter "keepalives" is not supported/)
+        .and.not.include('hunter2');
+    });
+
+    it('accepts a password in ?password= and the sslmodes that verify', () => {
+      for (const query of [
+        'password=hunter2',
+        'sslmode=verify-full',
+        `sslmode=verify-full&sslrootcert=${caFile}`,
+        `sslmode=verify-ca&sslrootcert=${caFile}`,
+        'sslmode=verify-full&sslrootcert=system',
+        'sslmode=no-verify',
+        'sslmode=disable',
+      ]) {
+        const url = `postgres://reaper@db.internal/auth?${query}`;
+        expect(loadConfig({ DATABASE_URL: url }).databaseUrl, query).to.equal(url);
+      }
+    });
+
+    it('refuses verify-ca without an authority, and the sslmodes that fall back to plain text', () => {
+      const [verifyCa] = problemsOf({ DATABASE_URL: 'postgres://db/auth?sslmode=verify-ca' });
+      expect(verifyCa).to.match(/verify-ca needs sslrootcert \(or PGSSLROOTCERT\)/);
+      const [prefer] = problemsOf({ DATABASE_URL: 'postgres://db/auth?sslmode=prefer' });
+      expect(prefer).to.match(/sslmode="prefer" is not supported.*unencrypted/);
+    });
+
+    it('names an sslrootcert that cannot be read', () => {
+      const [problem] = problemsOf({
+        DATABASE_URL: 'postgres://db/auth?sslmode=verify-full&sslrootcert=/no/such/ca.crt',
+      });
+      expect(problem).to.match(/sslrootcert names \/no\/such\/ca\.crt, which cannot be read/);
+    });
+
+    it('takes PGSSLROOTCERT for a URL that names no sslrootcert, as libpq does', () => {
+      const config = loadConfig({
+        DATABASE_URL: 'postgres://pgbouncer.internal/auth?sslmode=verify-full',
+        LISTEN_DATABASE_URL: 'postgres://primary.internal/auth?sslmode=verify-ca',
+        PGSSLROOTCERT: caFile,
+      });
+      for (const url of [config.databaseUrl, config.listenDatabaseUrl]) {
+        expect(new URL(url).searchParams.get('sslrootcert')).to.equal(caFile);
+      }
+      const own = `postgres://db/auth?sslmode=verify-full&sslrootcert=${caFile}`;
+      expect(
+        loadConfig({ DATABASE_URL: own, PGSSLROOTCERT: '/no/such/ca.crt' }).databaseUrl,
+      ).to.equal(own);
+      // Without TLS there is no authority to read.
+      expect(() => loadConfig({ ...minimal, PGSSLROOTCERT: '/no/such/ca.crt' })).not.to.throw();
+    });
   });
 });

@@ -18,7 +18,7 @@
 //   database, `keepData()` turns that off so the database outlives the run.
 
 import type { ChildProcess } from 'node:child_process';
-import { chmod, mkdtemp, rm, stat } from 'node:fs/promises';
+import { chmod, chown, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -39,6 +39,14 @@ export interface EmbeddedServerOptions {
    * back. The shared server does not need that; an owned server does.
    */
   readonly persistent: boolean;
+  /** More `name=value` settings, after (so over) the defaults: `ssl=on` for a TLS test. */
+  readonly settings?: readonly string[];
+  /**
+   * Files written into the data directory before the server starts, by name, owned by the
+   * server's OS user and mode 0600, as PostgreSQL wants a TLS key; a setting can name them
+   * relative to the data directory (`ssl_key_file=server.key`).
+   */
+  readonly files?: Readonly<Record<string, string>>;
 }
 
 export interface EmbeddedServer {
@@ -74,11 +82,11 @@ export function serverFlags(settings: readonly string[]): string[] {
 }
 
 // Listening on 127.0.0.1 only, with no Unix socket, keeps it clear of a system PostgreSQL.
-const SERVER_FLAGS = serverFlags([
+const SERVER_SETTINGS = [
   ...TEST_SERVER_SETTINGS,
   'listen_addresses=127.0.0.1',
   'unix_socket_directories=',
-]);
+];
 
 /**
  * As root, the server runs as the `postgres` OS user, which must be able to reach the binaries
@@ -150,7 +158,7 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
     // initdb and postgres refuse to run as root, so as root this makes (or reuses) a `postgres`
     // OS user. Anyone else runs the server as themselves: the option would try `groupadd`.
     createPostgresUser: runsAsRoot,
-    postgresFlags: SERVER_FLAGS,
+    postgresFlags: serverFlags([...SERVER_SETTINGS, ...(options.settings ?? [])]),
     onLog: remember,
     onError: remember,
   });
@@ -188,6 +196,13 @@ export async function startEmbeddedServer(options: EmbeddedServerOptions): Promi
     throw describeFailure('initialise its data directory', error);
   }
   try {
+    // initdb has given the directory to the server's user, who must own the files too.
+    const owner = await stat(dataDirectory);
+    for (const [name, content] of Object.entries(options.files ?? {})) {
+      const path = join(dataDirectory, name);
+      await writeFile(path, content, { mode: 0o600 });
+      await chown(path, owner.uid, owner.gid);
+    }
     await start();
   } catch (error) {
     await server.dispose();
