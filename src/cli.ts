@@ -20,7 +20,7 @@ import {
   readAttachedIndexes,
 } from './install.js';
 import { applyRolePlan, checkRoleName, formatRolePlan, planRole } from './role.js';
-import { createLogger, serializeError, type Logger } from './logger.js';
+import { createLogger, serializeError, type LogFields, type Logger } from './logger.js';
 import { createMetrics, startMetricsServer, type MetricsServer } from './metrics.js';
 import { convertToPartitioned } from './partition/convert.js';
 import { redactText } from './redact.js';
@@ -50,6 +50,10 @@ DATABASE_URL (or the PG* variables) names the auth database's primary.`;
 
 /** A graceful stop that has not finished by then is forced; the contract promises 10 s. */
 const GRACEFUL_STOP_LIMIT_MS = 9_000;
+/** Under npm, a repeat of the first stop signal this soon is npm forwarding it (measured 2–15 ms). */
+const NPM_FORWARDED_SIGNAL_MS = 500;
+/** How often `start` under npm checks that its parent is still there. */
+const PARENT_CHECK_INTERVAL_MS = 500;
 
 type Command = 'start' | 'sweep' | 'install' | 'explain' | 'partition convert';
 
@@ -85,18 +89,9 @@ export async function main(argv: readonly string[], environment = process.env): 
   }
 
   const logger = createLogger({ level: config.logLevel });
-  // slonik races a query against its connection's 'error' event and, when the connection
-  // dies first (a server restart, pg_terminate_backend), abandons the query's promise, which
-  // rejects later with nobody listening; Node would then end the daemon. Every loop here
-  // handles its own failures, so such a rejection is logged and the daemon carries on.
-  process.on('unhandledRejection', (reason) => {
-    logger.warn('process.unhandled_rejection', 'a promise rejected with no handler; carrying on', {
-      error: reason instanceof Error ? reason : new Error(String(reason)),
-    });
-  });
   let code: number;
   try {
-    code = await COMMANDS[invocation.command](config, logger, invocation.flags);
+    code = await COMMANDS[invocation.command](config, logger, invocation.flags, environment);
   } catch (error) {
     if (!(error instanceof ConfigurationError)) {
       logger.error('command.failed', `${invocation.command} failed`, { error });
@@ -114,16 +109,28 @@ const COMMANDS: Record<
     config: Config,
     logger: Logger,
     flags: Record<string, boolean | string | undefined>,
+    environment: NodeJS.ProcessEnv,
   ) => Promise<number>
 > = {
-  async start(config, logger) {
+  async start(config, logger, _flags, environment) {
+    // npx, npm exec and npm run set it. npm runs the daemon through `sh -c`, and where sh is
+    // dash a SIGTERM to npm kills that shell but never reaches the daemon: its parent going
+    // away is then the only sign that it should stop. (README: run the bin directly instead.)
+    const underNpm = environment['npm_lifecycle_event'] !== undefined;
+    const parentPid = process.ppid;
     const pool = await createDatabasePool(config, logger, {
       maximumPoolSize: config.sweep.concurrency + 2,
     });
     const daemon = createDaemon({ config, logger, pool, version: VERSION });
-    const stopped = new Promise<void>((resolve) =>
-      onStopSignal(logger, () => daemon.stop().then(resolve)),
-    );
+    const stopped = new Promise<void>((resolve) => {
+      const stop = onStopSignal(logger, () => daemon.stop().then(resolve), { underNpm });
+      if (!underNpm) return;
+      const watch = setInterval(() => {
+        if (process.ppid === parentPid) return;
+        clearInterval(watch);
+        stop(`parent process ${parentPid} exited, stopping`, { parentPid });
+      }, PARENT_CHECK_INTERVAL_MS).unref();
+    });
     process.on('SIGUSR1', () => {
       void daemon.sweep('signal');
     });
@@ -137,6 +144,7 @@ const COMMANDS: Record<
         metricsServer = await startMetricsServer({
           metrics: createMetrics(daemon.events, {
             readiness: () => daemon.readiness(),
+            health: () => daemon.health(),
             version: VERSION,
           }),
           port: config.metrics.port,
@@ -187,6 +195,9 @@ const COMMANDS: Record<
           }
         }
       }
+      // A one-shot sweep may be the only one of the day: it stays for the retry of the rows it
+      // found locked, which ends within the retry period (or at SIGTERM).
+      await daemon.retrySettled();
       return outcome.status === 'failed' ? 1 : 0;
     } finally {
       progressLine?.end();
@@ -216,7 +227,7 @@ const COMMANDS: Record<
         process.stdout.write(`${formatInstallPlan(plan)}\n${formatRolePlan(rolePlan!)}`);
         return 0;
       }
-      const result = await applyInstallPlan(client, plan, logger);
+      const result = await applyInstallPlan(client, plan, logger, config);
       logger.info(
         'install.finished',
         `install finished: ${result.applied.length} applied, ${result.unchanged.length} already in place`,
@@ -281,15 +292,20 @@ function parseInvocation(argv: readonly string[]) {
 }
 
 // The first SIGTERM or SIGINT stops gracefully; the same signal again, or a stop that
-// outlives its limit, forces the exit.
-function onStopSignal(logger: Logger, stopGracefully: () => Promise<void>) {
+// outlives its limit, forces the exit. Under npm (`underNpm`) a Ctrl-C arrives twice, from the
+// terminal and forwarded by npm, so a repeat within NPM_FORWARDED_SIGNAL_MS is the same one.
+// Returns the graceful stop, for other reasons to stop.
+function onStopSignal(
+  logger: Logger,
+  stopGracefully: () => Promise<void>,
+  { underNpm = false } = {},
+) {
   let stopping = false;
-  const handle = (signal: 'SIGTERM' | 'SIGINT') => {
-    if (stopping) {
-      process.exit(128 + constants.signals[signal]);
-    }
+  let first: { signal: 'SIGTERM' | 'SIGINT'; at: number } | undefined;
+  const stop = (message: string, fields: LogFields) => {
+    if (stopping) return;
     stopping = true;
-    logger.info('daemon.stopping', `${signal} received, stopping`, { signal });
+    logger.info('daemon.stopping', message, fields);
     setTimeout(() => {
       logger.error(
         'daemon.stop_timeout',
@@ -299,8 +315,19 @@ function onStopSignal(logger: Logger, stopGracefully: () => Promise<void>) {
     }, GRACEFUL_STOP_LIMIT_MS).unref();
     void stopGracefully();
   };
+  const handle = (signal: 'SIGTERM' | 'SIGINT') => {
+    if (stopping) {
+      const forwarded =
+        underNpm && first?.signal === signal && Date.now() - first.at < NPM_FORWARDED_SIGNAL_MS;
+      if (!forwarded) process.exit(128 + constants.signals[signal]);
+      return;
+    }
+    first = { signal, at: Date.now() };
+    stop(`${signal} received, stopping`, { signal });
+  };
   process.on('SIGTERM', handle);
   process.on('SIGINT', handle);
+  return stop;
 }
 
 /** A progress line on a terminal's stderr, redrawn in place from the sweep's events. */

@@ -1,17 +1,24 @@
 // Wires the parts together. start() and stop() are idempotent: a second call gets the
-// promise of the first. Shutdown runs in a fixed order: the listener UNLISTENs, so nothing
-// new arrives; the purge's DELETE in flight finishes; the schedule stops firing; a running
-// sweep stops between batches (its batch in flight commits or rolls back whole); and only
-// then is the pool closed.
+// promise of the first.
+import { setTimeout as delay } from 'node:timers/promises';
 import type { DatabasePool } from 'slonik';
 import type { Config } from './config.js';
+import { cancelStatements } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
 import { createListener, type Listener } from './listener.js';
+import { checkReadiness, type ReadinessProblem, type UnreadyReason } from './readiness.js';
 import { createPurger, type Purger } from './purge/purger.js';
 import { createNotificationRouter, type NotificationRouter } from './purge/router.js';
 import { startSchedule, type Schedule } from './scheduler.js';
-import { describeTargetsToRun, expiryTimeColumn, markerColumn, qualifiedName } from './schema.js';
+import {
+  describeTargetsToRun,
+  expiryTimeColumn,
+  markerColumn,
+  pinnedRule,
+  qualifiedName,
+} from './schema.js';
+import type { TargetRule } from './targets/rule.js';
 import { describeReading } from './targets/time.js';
 import {
   createSweeper,
@@ -20,12 +27,20 @@ import {
   type SweepTrigger,
 } from './sweep/sweeper.js';
 
-export type UnreadyReason = 'listener_disconnected' | 'last_sweep_failed';
+export type { UnreadyReason } from './readiness.js';
 
 export interface Readiness {
   ready: boolean;
   /** Empty when ready. */
   reasons: UnreadyReason[];
+  /** What the periodic check found, with a message each (readiness.ts); empty when none. */
+  problems: ReadinessProblem[];
+}
+
+export interface Health {
+  healthy: boolean;
+  /** `listener_down`: down longer than LISTENER_DOWN_UNHEALTHY_AFTER. Empty when healthy. */
+  reasons: 'listener_down'[];
 }
 
 export interface Daemon {
@@ -39,12 +54,27 @@ export interface Daemon {
    * /readyz and the library's `ready` both answer with this.
    */
   readiness(): Readiness;
+  /**
+   * Unhealthy once the listener has been down longer than LISTENER_DOWN_UNHEALTHY_AFTER: a
+   * supervisor then restarts a daemon that cannot get its LISTEN back. /healthz answers with it.
+   */
+  health(): Health;
   start(): Promise<void>;
-  stop(): Promise<void>;
+  stop(options?: StopOptions): Promise<void>;
   sweep(trigger: SweepTrigger, options?: SweepOptions): Promise<SweepOutcome>;
   /** Settles once the retry of the rows the last sweep left locked is over (Sweeper.retrySettled). */
   retrySettled(): Promise<void>;
 }
+
+export interface StopOptions {
+  /**
+   * How long the work in flight may take to finish; statements still running then are
+   * cancelled. Default 7 s, so that the CLI exits within 10 s of SIGTERM.
+   */
+  timeoutMs?: number;
+}
+
+export const DEFAULT_STOP_TIMEOUT_MS = 7_000;
 
 export interface DaemonDependencies {
   config: Config;
@@ -60,10 +90,18 @@ export function createDaemon({
   logger,
   pool,
   version,
-  events = createReaperEvents(),
+  events = createReaperEvents(logger),
 }: DaemonDependencies): Daemon {
   const log = logger.child('daemon');
-  const sweeper = createSweeper({ pool, config, logger, events });
+  /** The targets as resolved at start; until then, as configured. */
+  let pinnedRules: readonly TargetRule[] | null = null;
+  const sweeper = createSweeper({
+    pool,
+    config,
+    logger,
+    events,
+    targets: () => pinnedRules ?? config.targets,
+  });
   let lastSweepFailed = false;
   events.on('sweep', (outcome) => {
     if (outcome.status !== 'skipped') lastSweepFailed = outcome.status === 'failed';
@@ -74,10 +112,37 @@ export function createDaemon({
   let router: NotificationRouter | null = null;
   let starting: Promise<void> | null = null;
   let stopping: Promise<void> | null = null;
+  let problems: ReadinessProblem[] = [];
+  let readinessTimer: NodeJS.Timeout | null = null;
+
+  /** Checks what the daemon needs to delete, and logs when that changes. */
+  const checkNeeds = async () => {
+    const found = await checkReadiness(pool, pinnedRules ?? config.targets, config);
+    const key = (list: readonly ReadinessProblem[]) =>
+      JSON.stringify(list.map((problem) => [problem.reason, problem.table]));
+    if (key(found) !== key(problems)) {
+      if (found.length > 0) {
+        log.warn('daemon.unready', found.map((problem) => problem.message).join(' '), {
+          reasons: [...new Set(found.map((problem) => problem.reason))],
+          problems: found,
+        });
+      } else {
+        log.info('daemon.ready', 'the trigger, the rights and the database are as needed again');
+      }
+    }
+    problems = found;
+  };
 
   const start = async () => {
     // Fail fast on a wrong table or column: exit 2 now beats a failed sweep at 3 am.
     const shapes = await describeTargetsToRun(pool, config);
+    // Optional targets that are missing stay missing for this run, as they were at start.
+    pinnedRules = shapes.map(pinnedRule);
+    for (const shape of shapes) {
+      for (const warning of shape.warnings) {
+        log.warn('daemon.target_warning', warning, { table: qualifiedName(shape.relation) });
+      }
+    }
     const prompt = shapes.filter((shape) => shape.notify);
     for (const shape of prompt.filter((each) => !each.revokeTriggerInstalled)) {
       log.warn(
@@ -86,7 +151,13 @@ export function createDaemon({
         { table: qualifiedName(shape.relation) },
       );
     }
-    purgers = prompt.map((shape) => createPurger({ pool, shape, logger, events }));
+    await checkNeeds();
+    readinessTimer = setInterval(
+      () => void checkNeeds(),
+      config.health.readinessCheckIntervalSeconds * 1000,
+    );
+    readinessTimer.unref();
+    purgers = prompt.map((shape) => createPurger({ pool, shape, config, logger, events }));
     const notifications = createNotificationRouter(purgers, logger);
     router = notifications;
     listener = createListener({
@@ -124,13 +195,37 @@ export function createDaemon({
     });
   };
 
-  const stop = async () => {
+  // Everything is told to stop at once, then awaited: the listener UNLISTENs, the purgers
+  // and a running sweep end after the statement in flight (which commits or rolls back
+  // whole), and the schedule stops firing. Only then is the pool closed.
+  // A statement still running at the deadline (one waiting behind another session's lock of
+  // the whole table, say) is cancelled, not awaited: the stop then ends within the deadline
+  // and a little more, whatever the database does.
+  const stop = async ({ timeoutMs = DEFAULT_STOP_TIMEOUT_MS }: StopOptions = {}) => {
     await starting?.catch(() => undefined);
-    await listener?.stop();
+    if (readinessTimer) clearInterval(readinessTimer);
     router?.stop();
-    await Promise.all(purgers.map((purger) => purger.stop()));
-    await schedule?.stop();
-    await sweeper.stop();
+    const everything = Promise.all([
+      listener?.stop(),
+      ...purgers.map((purger) => purger.stop()),
+      schedule?.stop(),
+      sweeper.stop(),
+    ]);
+    const deadline = new AbortController();
+    const cancelling = delay(timeoutMs, undefined, { signal: deadline.signal }).then(
+      async () => {
+        const cancelled = await cancelStatements(pool);
+        log.warn(
+          'daemon.stop_deadline',
+          `still stopping after ${timeoutMs} ms; cancelled the statements in flight`,
+          { timeoutMs, connections: cancelled },
+        );
+      },
+      () => undefined,
+    );
+    await everything;
+    deadline.abort();
+    await cancelling;
     // Ending a pool whose connections died with the server can fail; the process is
     // stopping either way, and the failure is not worth a non-zero exit.
     await pool.end().catch((error: unknown) => {
@@ -145,13 +240,22 @@ export function createDaemon({
       return listener?.connected ?? false;
     },
     readiness() {
-      const reasons: UnreadyReason[] = [];
-      if (!(listener?.connected ?? false)) reasons.push('listener_disconnected');
-      if (lastSweepFailed) reasons.push('last_sweep_failed');
-      return { ready: reasons.length === 0, reasons };
+      const reasons = new Set<UnreadyReason>();
+      if (!(listener?.connected ?? false)) reasons.add('listener_disconnected');
+      if (listener?.standby) reasons.add('database_standby');
+      if (lastSweepFailed) reasons.add('last_sweep_failed');
+      if (purgers.some((purger) => purger.failing)) reasons.add('purge_failing');
+      for (const problem of problems) reasons.add(problem.reason);
+      return { ready: reasons.size === 0, reasons: [...reasons], problems };
+    },
+    health() {
+      const downMs = listener?.downForMs() ?? 0;
+      return downMs > config.health.listenerDownUnhealthyAfterSeconds * 1000
+        ? { healthy: false, reasons: ['listener_down'] }
+        : { healthy: true, reasons: [] };
     },
     start: () => (starting ??= start()),
-    stop: () => (stopping ??= stop()),
+    stop: (options) => (stopping ??= stop(options)),
     sweep: (trigger, options) => sweeper.sweep(trigger, options),
     retrySettled: () => sweeper.retrySettled(),
   };

@@ -19,3 +19,13 @@ export class SchemaError extends ConfigurationError {
 export class NewerSchemaVersionError extends ConfigurationError {
   override readonly name: string = 'NewerSchemaVersionError';
 }
+
+/** The database is a standby: nothing can be deleted there, and LISTEN is refused. */
+export class StandbyError extends ConfigurationError {
+  override readonly name: string = 'StandbyError';
+  constructor() {
+    super([
+      'the database is a standby (pg_is_in_recovery() is true), and token-reaper needs the primary, where rows can be deleted. Point DATABASE_URL at the primary, or at a name that follows it across failovers.',
+    ]);
+  }
+}

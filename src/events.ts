@@ -3,6 +3,7 @@
 // edge (the CLI or createReaper) and passed inward like the logger; components emit, and
 // never depend on who listens.
 import { EventEmitter } from 'node:events';
+import type { Logger } from './logger.js';
 import type { CatchUpReason } from './purge/purger.js';
 import type { SweepOutcome } from './sweep/sweeper.js';
 
@@ -45,6 +46,48 @@ export interface ReaperEventMap {
 
 export type ReaperEvents = EventEmitter<ReaperEventMap>;
 
-export function createReaperEvents(): ReaperEvents {
-  return new EventEmitter<ReaperEventMap>();
+/**
+ * An emitter whose listeners cannot hurt the emitter. Node's EventEmitter runs listeners
+ * synchronously inside emit(), so a listener that throws (a library user's bug, say) would
+ * throw out of the purge or the sweep that emitted, and a listener that returns a rejected
+ * promise would leave an unhandled rejection. Here each listener runs on its own; what it
+ * throws or rejects goes to `onListenerFailed`, and the other listeners still run.
+ */
+class ShieldedEmitter extends EventEmitter<ReaperEventMap> {
+  constructor(private readonly onListenerFailed: (event: string, error: unknown) => void) {
+    super();
+  }
+
+  override emit<K extends keyof ReaperEventMap>(event: K, ...args: ReaperEventMap[K]): boolean {
+    // rawListeners keeps once() wrappers, which remove themselves when called.
+    const listeners = this.rawListeners(event) as ((...values: unknown[]) => unknown)[];
+    for (const listener of listeners) {
+      try {
+        const result = listener.apply(this, args);
+        if (result instanceof Promise) {
+          result.catch((error: unknown) => this.onListenerFailed(event, error));
+        }
+      } catch (error) {
+        this.onListenerFailed(event, error);
+      }
+    }
+    return listeners.length > 0;
+  }
+}
+
+/** The emitter; a listener's failure is logged as `events.listener_failed` when there is a logger. */
+export function createReaperEvents(logger?: Logger): ReaperEvents {
+  const log = logger?.child('events');
+  return new ShieldedEmitter((event, error) => {
+    if (log) {
+      log.error('events.listener_failed', `a listener of the "${event}" event failed`, {
+        emitted: event,
+        error: error instanceof Error ? error : new Error(String(error)),
+      });
+    } else {
+      process.emitWarning(
+        `a listener of the token-reaper "${event}" event failed: ${String(error)}`,
+      );
+    }
+  });
 }

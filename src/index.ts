@@ -3,7 +3,7 @@
 // no environment: the host passes the settings, under the same names as the CLI's
 // environment variables (README, "Configuration"), validated the same way.
 import { loadConfig, type Config } from './config.js';
-import { createDaemon, type Readiness } from './daemon.js';
+import { createDaemon, type Health, type Readiness, type StopOptions } from './daemon.js';
 import { createDatabasePool } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import { createLogger, type Logger } from './logger.js';
@@ -18,7 +18,8 @@ export type {
   ReaperEvents,
   SweepProgressEvent,
 } from './events.js';
-export type { Readiness, UnreadyReason } from './daemon.js';
+export type { Health, Readiness, StopOptions, UnreadyReason } from './daemon.js';
+export type { ReadinessProblem } from './readiness.js';
 export type { Logger } from './logger.js';
 export type { SweepOptions, SweepOutcome, TableSweepResult } from './sweep/sweeper.js';
 export type { Config };
@@ -44,10 +45,15 @@ export interface Reaper {
   readonly ready: boolean;
   /** The same, with the reasons when not ready: what /readyz answers. */
   readiness(): Readiness;
+  /** False once the listener has been down past LISTENER_DOWN_UNHEALTHY_AFTER: what /healthz answers. */
+  health(): Health;
   /** Checks the tables, starts the listener and the schedule. Idempotent. */
   start(): Promise<void>;
-  /** Ordered, graceful stop; closes the pool. Idempotent. */
-  stop(): Promise<void>;
+  /**
+   * Graceful stop; closes the pool. Idempotent. Statements still running after `timeoutMs`
+   * (default 7 s) are cancelled.
+   */
+  stop(options?: StopOptions): Promise<void>;
   /** One sweep now; joins one already running. Never throws: failures are outcomes. */
   sweep(options?: SweepOptions): Promise<SweepOutcome>;
 }
@@ -56,7 +62,7 @@ export interface Reaper {
 export async function createReaper(options: ReaperOptions): Promise<Reaper> {
   const config = loadConfig(options.settings);
   const logger = options.logger ?? createLogger({ level: config.logLevel });
-  const events = createReaperEvents();
+  const events = createReaperEvents(logger);
   const pool = await createDatabasePool(config, logger, {
     maximumPoolSize: config.sweep.concurrency + 2,
   });
@@ -68,8 +74,9 @@ export async function createReaper(options: ReaperOptions): Promise<Reaper> {
       return daemon.readiness().ready;
     },
     readiness: () => daemon.readiness(),
+    health: () => daemon.health(),
     start: () => daemon.start(),
-    stop: () => daemon.stop(),
+    stop: (options) => daemon.stop(options),
     sweep: (sweepOptions) => daemon.sweep('api', sweepOptions),
   };
 }

@@ -18,6 +18,8 @@ import pg from 'pg';
 import type { Config } from './config.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import { listenerConnectionConfig } from './db.js';
+import { StandbyError } from './errors.js';
+import { jittered } from './retry.js';
 import { serializeError, type Logger } from './logger.js';
 
 export const HEARTBEAT_INTERVAL_MS = 10_000;
@@ -31,6 +33,10 @@ export interface Listener {
   stop(): Promise<void>;
   /** True while LISTEN is in place on a live connection. */
   readonly connected: boolean;
+  /** True while the last attempt found a standby: the daemon waits for a primary. */
+  readonly standby: boolean;
+  /** How long the listener has been without LISTEN in place since it last had it; 0 while it has. */
+  downForMs(): number;
 }
 
 export interface ListenerOptions {
@@ -46,8 +52,7 @@ export interface ListenerOptions {
 
 /** 250 ms doubling to 10 s, each delay drawn from its upper half so replicas spread out. */
 export function reconnectDelay(attempt: number) {
-  const ceiling = Math.min(MAXIMUM_RECONNECT_DELAY_MS, 250 * 2 ** attempt);
-  return Math.round(ceiling * (0.5 + Math.random() / 2));
+  return jittered(Math.min(MAXIMUM_RECONNECT_DELAY_MS, 250 * 2 ** attempt));
 }
 
 export function createListener({
@@ -62,8 +67,10 @@ export function createListener({
   const channel = config.notifyChannel;
   let client: pg.Client | null = null;
   let connected = false;
+  let standby = false;
   let stopped = false;
-  let disconnectedAt = 0;
+  // Down from creation until the first LISTEN: /healthz counts a start that never connects.
+  let disconnectedAt = performance.now();
   let heartbeat: NodeJS.Timeout | null = null;
   /** The reconnect loop in progress, so a second loss during it starts nothing new. */
   let reconnecting: Promise<void> | null = null;
@@ -85,6 +92,11 @@ export function createListener({
     });
     try {
       await candidate.connect();
+      // A standby refuses LISTEN; after a failover the old primary may come back as one.
+      const recovery = await candidate.query<{ standby: boolean }>(
+        'SELECT pg_is_in_recovery() AS standby',
+      );
+      if (recovery.rows[0]?.standby === true) throw new StandbyError();
       await candidate.query(`LISTEN ${pg.escapeIdentifier(channel)}`);
     } catch (error) {
       void candidate.end().catch(() => undefined);
@@ -95,6 +107,7 @@ export function createListener({
 
   const listening = (reconnected: boolean) => {
     connected = true;
+    standby = false;
     events.emit('listener', { connected: true });
     log.info(
       'listener.connected',
@@ -159,6 +172,12 @@ export function createListener({
         listening(true);
         return;
       } catch (error) {
+        if (error instanceof StandbyError && !standby) {
+          standby = true;
+          log.warn('database.standby', 'the database is a standby; waiting for a primary', {
+            channel,
+          });
+        }
         // Every failure says why: a rotated password, a standby, a host that is gone.
         log.warn('listener.reconnecting', `reconnecting failed, attempt ${attempt}`, {
           channel,
@@ -174,6 +193,10 @@ export function createListener({
     get connected() {
       return connected && !stopped;
     },
+    get standby() {
+      return standby && !stopped;
+    },
+    downForMs: () => (connected || stopped ? 0 : Math.round(performance.now() - disconnectedAt)),
     async start() {
       client = await connect();
       listening(false);

@@ -5,9 +5,11 @@
 // `nodejs_*`) so that the usual Node dashboards work unchanged.
 //
 // Readiness (decided by the daemon, see Daemon.readiness) answers "is this replica doing its
-// job right now": its listener holds LISTEN, and its last sweep did not fail. Liveness only
-// says the process answers: restarting a daemon whose database is
-// down would not bring the database back, so /healthz never looks at the database.
+// job right now": its listener holds LISTEN, its purges and its last sweep did not fail, and
+// the trigger, the rights and a writable primary are there. Liveness (Daemon.health) fails
+// only when a restart could help: the listener has been down for longer than
+// LISTENER_DOWN_UNHEALTHY_AFTER. Restarting a daemon whose database is briefly down would not
+// bring the database back, so /healthz never queries the database itself.
 //
 // The server is node:http with three routes: a framework would add more code than it saves.
 // It never logs requests, so nothing a client sends can reach the logs.
@@ -16,7 +18,7 @@ import type { AddressInfo } from 'node:net';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { CatchUpEvent, PurgeBatchEvent, ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
-import type { Readiness } from './daemon.js';
+import type { Health, Readiness } from './daemon.js';
 import type { SweepOutcome } from './sweep/sweeper.js';
 
 /** Where a deleted row was deleted: a NOTIFY batch, a catch-up after a (re)connect, a sweep. */
@@ -25,6 +27,8 @@ export type DeletionPath = 'purge' | 'catch_up' | 'sweep';
 export interface MetricsOptions {
   /** The daemon's readiness (`daemon.readiness`, `reaper.readiness`): /readyz and the listener gauge. */
   readiness: () => Readiness;
+  /** The daemon's liveness (`daemon.health`, `reaper.health`): /healthz. Without it, always ok. */
+  health?: () => Health;
   /** Exposed as token_reaper_build_info{version}. */
   version?: string;
   /**
@@ -40,6 +44,7 @@ export interface MetricsOptions {
 export interface Metrics {
   readonly registry: Registry;
   readiness(): Readiness;
+  health(): Health;
   /** Stops counting: detaches from the events. The registry keeps its values. */
   close(): void;
 }
@@ -173,6 +178,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
   return {
     registry,
     readiness: options.readiness,
+    health: options.health ?? (() => ({ healthy: true, reasons: [] })),
     close() {
       events.off('purge', onPurge);
       events.off('catchUp', onCatchUp);
@@ -183,7 +189,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
 }
 
 export interface MetricsServerOptions {
-  metrics: Pick<Metrics, 'registry' | 'readiness'>;
+  metrics: Pick<Metrics, 'registry' | 'readiness'> & Partial<Pick<Metrics, 'health'>>;
   /** 0 picks a free port; MetricsServer.port says which. */
   port: number;
   /** Default 0.0.0.0. */
@@ -209,7 +215,7 @@ const PROBE_PATHS = new Set(['/metrics', '/healthz', '/readyz']);
  */
 export async function startMetricsServer(options: MetricsServerOptions): Promise<MetricsServer> {
   const log = options.logger?.child('metrics');
-  const { registry, readiness } = options.metrics;
+  const { registry, readiness, health } = options.metrics;
 
   const handle = async (request: IncomingMessage, response: ServerResponse) => {
     const path = (request.url ?? '/').split('?')[0]!;
@@ -219,12 +225,21 @@ export async function startMetricsServer(options: MetricsServerOptions): Promise
       response.setHeader('Allow', 'GET, HEAD');
       return sendJson(response, 405, { error: 'method not allowed' });
     }
-    if (path === '/healthz') return sendJson(response, 200, { status: 'ok' });
+    if (path === '/healthz') {
+      const state = health?.() ?? { healthy: true, reasons: [] };
+      return state.healthy
+        ? sendJson(response, 200, { status: 'ok' })
+        : sendJson(response, 503, { status: 'unhealthy', reasons: state.reasons });
+    }
     if (path === '/readyz') {
       const state = readiness();
       return state.ready
         ? sendJson(response, 200, { status: 'ready' })
-        : sendJson(response, 503, { status: 'unready', reasons: state.reasons });
+        : sendJson(response, 503, {
+            status: 'unready',
+            reasons: state.reasons,
+            problems: state.problems,
+          });
     }
     try {
       const body = await registry.metrics();

@@ -53,6 +53,8 @@ export function redactText(text: string): string {
 export function redactSecrets(value: unknown, depth = 0): unknown {
   if (typeof value === 'string') return redactText(value);
   if (value === null || typeof value !== 'object' || depth > 8) return value;
+  // Copied member by member below, a Date would become {}.
+  if (value instanceof Date) return value.toISOString();
   if (Array.isArray(value)) return value.map((item) => redactSecrets(item, depth + 1));
   const copy: Record<string, unknown> = {};
   for (const [key, member] of Object.entries(value)) {

@@ -7,6 +7,7 @@
 import { sql, type CommonQueryMethods, type FragmentSqlToken } from 'slonik';
 import { z } from 'zod';
 import type { Config } from './config.js';
+import { requirePrimary } from './db.js';
 import { SchemaError } from './errors.js';
 import { qualifiedName, type Relation } from './relation.js';
 import type { ColumnChoice, QualifiedName, TargetRule } from './targets/rule.js';
@@ -164,6 +165,7 @@ export async function inspectTargets(
   connection: CommonQueryMethods,
   config: Pick<Config, 'targets' | 'naiveTimestampsTimezone'>,
 ): Promise<Inspection> {
+  await requirePrimary(connection);
   const shapes: TableShape[] = [];
   const problems: string[] = [];
   const notes: string[] = [];
@@ -208,6 +210,7 @@ export async function describeTarget(
   rule: TargetRule,
   config: Pick<Config, 'naiveTimestampsTimezone'>,
 ): Promise<TableShape | null> {
+  await requirePrimary(connection);
   const result = await describeRule(connection, rule, config.naiveTimestampsTimezone, new Map());
   if ('missing' in result) {
     if (rule.optional) return null;
@@ -549,6 +552,24 @@ async function describeRule(
   };
 }
 
+const schemaRow = z.object({ schema: z.string() });
+
+/**
+ * The rule with its table fixed to the relation it resolved to: a daemon resolves each name
+ * once, at start, and describes that relation from then on, whatever the search_path of a
+ * later connection says (an ALTER DATABASE … SET search_path must not move the sweep to
+ * another table while the purge stays on the first).
+ */
+export function pinnedRule(shape: Pick<TableShape, 'rule' | 'relation'>): TargetRule {
+  return {
+    ...shape.rule,
+    table: {
+      candidates: [{ schema: shape.relation.schema, name: shape.relation.name }],
+      configured: true,
+    },
+  };
+}
+
 /**
  * The first of the rule's table names that exists. A configured name that does not is a
  * problem with a "did you mean" when a table of a similar name exists; a convention that
@@ -582,7 +603,26 @@ async function findTable(
             `${found.map((relation) => qualifiedName(relation)).join(' and ')} both match the conventional names; ${qualifiedName(found[0]!)} is used. Set ${rule.knobs.table} to choose.`,
           ]
         : [];
-    return { relation: found[0]!, warnings };
+    const chosen = found[0]!;
+    const unqualified = rule.table.candidates.some(
+      (candidate) => candidate.schema === null && candidate.name === chosen.name,
+    );
+    if (unqualified) {
+      const shadowed = await connection.anyFirst(sql.type(schemaRow)`
+        SELECT n.nspname AS schema
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relname = ${chosen.name} AND c.oid <> ${chosen.oid}
+          AND c.relkind IN ('r', 'p', 'v', 'f')
+          AND n.nspname = ANY (current_schemas(false))
+      `);
+      if (shadowed.length > 0) {
+        warnings.push(
+          `${chosen.name} is in more than one schema on the search_path: ${qualifiedName(chosen)} is used, and ${shadowed.map((schema) => qualifiedName({ schema, name: chosen.name })).join(', ')} is not. Write the schema in ${rule.knobs.table} (for example ${qualifiedName(chosen)}) to choose.`,
+        );
+      }
+    }
+    return { relation: chosen, warnings };
   }
   const names = rule.table.candidates.map(formatName);
   const suggestions = await nearTables(connection, rule.table.candidates);

@@ -76,6 +76,55 @@ describe('the library API', () => {
     expect(capture.events('daemon.stopped')).to.have.length(1);
   });
 
+  it('keeps purging when a listener of its events throws on every event, and logs it', async () => {
+    const logs = createCapturingLogger('info');
+    const reaper = await createReaper({
+      settings: { DATABASE_URL: database.url, NODE_ENV: 'test' },
+      logger: logs.logger,
+    });
+    for (const event of ['purge', 'catchUp', 'listener', 'sweep'] as const) {
+      reaper.events.on(event, () => {
+        throw new Error(`a bug in the host's ${event} listener`);
+      });
+    }
+    reaper.events.on('purge', () => Promise.reject(new Error('an async bug')));
+    await reaper.start();
+    try {
+      for (let round = 0; round < 3; round += 1) {
+        const [token] = await database.query(
+          `INSERT INTO refresh_tokens (user_id, token_hash, expires_at)
+           VALUES (gen_random_uuid(), md5(random()::text), now() + interval '1 day') RETURNING id::text`,
+        );
+        await database.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [token!.id]);
+        await waitFor(
+          async () =>
+            (await database.query('SELECT 1 FROM refresh_tokens WHERE id = $1', [token!.id]))
+              .length === 0,
+          { message: `revocation ${round + 1} purged despite the throwing listeners` },
+        );
+      }
+      const outcome = await reaper.sweep();
+      expect(outcome.status).to.equal('finished');
+      await waitFor(() => logs.events('events.listener_failed').length >= 8, {
+        message: 'the failures logged',
+      });
+      const failed = logs.events('events.listener_failed');
+      expect(new Set(failed.map((line) => line['emitted']))).to.include.all.keys(
+        'purge',
+        'catchUp',
+        'listener',
+        'sweep',
+      );
+      expect(failed.map((line) => line['error'])).to.deep.include({
+        name: 'Error',
+        message: 'an async bug',
+      });
+      expect(logs.events('purge.failed')).to.deep.equal([]);
+    } finally {
+      await reaper.stop();
+    }
+  });
+
   it('reports bad settings before touching the database', async () => {
     try {
       await createReaper({

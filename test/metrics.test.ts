@@ -83,7 +83,10 @@ describe('metrics and health probes', function () {
   };
   const readyz = async () => {
     const response = await get('/readyz');
-    return { status: response.status, body: JSON.parse(response.body) as unknown };
+    return {
+      status: response.status,
+      body: JSON.parse(response.body) as { status: string; reasons?: string[] },
+    };
   };
   const waitForReadiness = (status: 200 | 503, timeoutMs?: number) =>
     waitFor(async () => ((await readyz()).status === status ? readyz() : false), {
@@ -199,10 +202,8 @@ describe('metrics and health probes', function () {
         expect(terminated.rows).to.deep.equal([{ done: true }]);
       });
       const unready = await waitForReadiness(503);
-      expect(unready.body).to.deep.equal({
-        status: 'unready',
-        reasons: ['listener_disconnected'],
-      });
+      expect(unready.body).to.include({ status: 'unready' });
+      expect(unready.body.reasons).to.include('listener_disconnected');
       expect(valueOf(await scrape(), 'token_reaper_listener_connected')).to.equal(0);
     } finally {
       await withServerClient((client) =>
@@ -222,7 +223,8 @@ describe('metrics and health probes', function () {
     try {
       await sweepNow('sweep.failed');
       const unready = await waitForReadiness(503);
-      expect(unready.body).to.deep.equal({ status: 'unready', reasons: ['last_sweep_failed'] });
+      expect(unready.body).to.include({ status: 'unready' });
+      expect(unready.body.reasons).to.include('last_sweep_failed');
     } finally {
       await database.query('ALTER TABLE refresh_tokens_elsewhere RENAME TO refresh_tokens');
     }
@@ -288,9 +290,13 @@ describe('metrics for the library API', function () {
 
   it('serves a createReaper’s metrics from the events alone, in-process, without a logger', async () => {
     await createReferenceSchema(database.current, { passwordResetsTable: null });
+    const settings = { DATABASE_URL: database.url, PASSWORD_RESETS_TABLE: 'none' };
+    // Without the trigger it would be unready: revocations would wait for the sweep.
+    const install = await runCli(['install'], settings);
+    expect(install.code, install.stderr + install.stdout).to.equal(0);
     const capture = createCapturingLogger('info');
     const reaper = await createReaper({
-      settings: { DATABASE_URL: database.url, PASSWORD_RESETS_TABLE: 'none', NODE_ENV: 'test' },
+      settings: { ...settings, NODE_ENV: 'test' },
       logger: capture.logger,
     });
     // Made before start(), so the listener's state can be followed from its events.
@@ -307,6 +313,7 @@ describe('metrics for the library API', function () {
       expect(JSON.parse((await get('/readyz')).body)).to.deep.equal({
         status: 'unready',
         reasons: ['listener_disconnected'],
+        problems: [],
       });
       await reaper.start();
       expect(await get('/readyz')).to.deep.include({ status: 200 });

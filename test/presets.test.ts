@@ -270,7 +270,14 @@ for (const testCase of CASES) {
         const shapes = await harness.shapes();
         const purgers = shapes
           .filter((shape) => shape.notify)
-          .map((shape) => createPurger({ pool: harness.pool, shape, logger: harness.logs.logger }));
+          .map((shape) =>
+            createPurger({
+              pool: harness.pool,
+              shape,
+              config: harness.config,
+              logger: harness.logs.logger,
+            }),
+          );
         await Promise.all(purgers.map((purger) => purger.catchUp('connected')));
         await Promise.all(purgers.map((purger) => purger.stop()));
         const afterCatchUp = await rowKeys(client, testCase.tables);

@@ -6,7 +6,6 @@
 // Roles are cluster-wide, so every role here has a name of its own for this run, and each
 // block drops its roles afterwards (with what they own or were granted, when a failure kept
 // the block's database).
-import { randomBytes } from 'node:crypto';
 import { expect } from 'chai';
 import pg from 'pg';
 import {
@@ -23,6 +22,7 @@ import {
   type TestDatabase,
   type TestDatabaseHandle,
 } from './support/database.js';
+import { giveLogin, urlAs, useRoles } from './support/roles.js';
 import {
   createPartitionedTable,
   createReferenceSchema,
@@ -32,64 +32,7 @@ import {
   insertSpreadRows,
 } from './support/fixtures.js';
 
-const PASSWORD = 'token-reaper-role-test';
 const PERMISSION_DENIED = '42501';
-
-/**
- * Call inside a `describe`, after useTestDatabase: returns a function that makes a role name
- * unique to this run. The block's `after` hook drops those roles.
- */
-function useRoles(database: TestDatabaseHandle) {
-  const names: string[] = [];
-  after('drop the roles', async () => {
-    const existing = await withServerClient(async (client) => {
-      const result = await client.query<{ rolname: string }>(
-        'SELECT rolname FROM pg_roles WHERE rolname = ANY($1)',
-        [names],
-      );
-      return result.rows.map((row) => pg.escapeIdentifier(row.rolname));
-    });
-    if (existing.length === 0) return;
-    const roles = existing.join(', ');
-    let kept: string | null = null;
-    try {
-      kept = database.url;
-    } catch {
-      // The database was never created.
-    }
-    // A database kept after a failure still holds the roles' objects and grants.
-    if (kept !== null) {
-      await withServerClient(async (client) => {
-        const found = await client.query('SELECT 1 FROM pg_database WHERE datname = $1', [
-          database.name,
-        ]);
-        if (found.rowCount === 0) return;
-        await withServerClient(async (inDatabase) => {
-          await inDatabase.query(`REASSIGN OWNED BY ${roles} TO CURRENT_USER`);
-          await inDatabase.query(`DROP OWNED BY ${roles}`);
-        }, kept);
-      });
-    }
-    await withServerClient((client) => client.query(`DROP ROLE IF EXISTS ${roles}`));
-  });
-  return (label: string) => {
-    const name = `token_reaper_test_${label}_${randomBytes(4).toString('hex')}`;
-    names.push(name);
-    return name;
-  };
-}
-
-/** The database URL with the role and its password in place of the superuser. */
-function urlAs(url: string, role: string) {
-  const parsed = new URL(url);
-  parsed.username = role;
-  parsed.password = PASSWORD;
-  return parsed.toString();
-}
-
-async function giveLogin(database: TestDatabaseHandle, role: string) {
-  await database.query(`ALTER ROLE ${pg.escapeIdentifier(role)} LOGIN PASSWORD '${PASSWORD}'`);
-}
 
 function succeeded(result: CliResult) {
   expect(result.code, result.stderr + result.stdout).to.equal(0);

@@ -178,6 +178,7 @@ for (const databaseZone of ['Pacific/Kiritimati', 'Pacific/Pago_Pago']) {
         createPurger({
           pool: harness.pool,
           shape,
+          config: harness.config,
           logger: harness.logs.logger,
           events: harness.events,
         }),

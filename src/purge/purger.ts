@@ -16,19 +16,22 @@
 //
 // Memory stays bounded: the queue holds at most MAXIMUM_QUEUED_IDS ids. Past that, further
 // ids are dropped and one catch-up requested, which deletes them all without naming them.
-import { sql, type DatabasePool } from 'slonik';
+import { sql, type DatabasePool, type DatabaseTransactionConnection } from 'slonik';
 import { z } from 'zod';
 import { retryOnDeadlock } from '../db.js';
+import type { Config } from '../config.js';
 import { createReaperEvents, type ReaperEvents } from '../events.js';
 import { serializeError, type Logger } from '../logger.js';
+import { deleteAroundLockedRows, withinRowLockWait } from '../locked-rows.js';
 import { deletion, purgeablePredicate } from '../predicates.js';
 import { forgetRevocations, recordRevocations, recordUnseenRevocations } from '../revocations.js';
 import {
   columnOf,
+  describeTarget,
   idTypeOf,
+  pinnedRule,
   qualifiedName,
   recordsRevocationTimes,
-  relationIdentifier,
   type TableShape,
 } from '../schema.js';
 import { deleteMarkedRows } from '../sweep/marked-rows.js';
@@ -64,15 +67,13 @@ export interface Purger {
    * not be trusted, of which a flood must cost one catch-up, not one each.
    */
   catchUpSoon(reason: CatchUpReason): void;
+  /** True from a failed batch or catch-up until the next one succeeds: /readyz reports it. */
+  readonly failing: boolean;
   /** Stops taking work and waits for the statement in flight, which commits or rolls back whole. */
   stop(): Promise<void>;
 }
 
-const batchRow = z.object({
-  deleted: z.number(),
-  skipped: z.number(),
-  latencyMs: z.number().nullable(),
-});
+const batchRow = z.object({ deleted: z.number(), latencyMs: z.number().nullable() });
 
 // A data exception (SQLSTATE class 22) is about a value, so the batch is split until the
 // value is alone; anything else (a lost connection, a timeout) would fail the halves too.
@@ -80,21 +81,28 @@ const isValueError = (error: unknown) => serializeError(error).code?.startsWith(
 
 export function createPurger({
   pool,
-  shape,
+  shape: described,
+  config,
   logger,
   events = createReaperEvents(),
 }: {
   pool: DatabasePool;
+  /** The table as described at start; each catch-up describes it again. */
   shape: TableShape;
+  config: Pick<Config, 'naiveTimestampsTimezone'>;
   logger: Logger;
   events?: ReaperEvents;
 }): Purger {
   const log = logger.child('purge');
   const listenerLog = logger.child('listener');
-  const tableName = qualifiedName(shape.relation);
-  const table = relationIdentifier(shape.relation);
-  const idColumn = columnOf(shape.relation, shape.id!.column);
-  const purgeable = purgeablePredicate(shape, shape.relation);
+  const tableName = qualifiedName(described.relation);
+  // The relation found at start, whatever a later search_path says.
+  const rule = pinnedRule(described);
+  /**
+   * The table as last described. Partitions come and go (the sweep drops them, premaking and
+   * `partition convert` add them), so a catch-up, which visits each one, describes it first.
+   */
+  let shape = described;
 
   /** id → the time of its revocation; a Map, so a repeated id is handled once. */
   const queue = new Map<string, string>();
@@ -104,8 +112,11 @@ export function createPurger({
     null;
   let working: Promise<void> | null = null;
   let stopped = false;
+  /** Aborted by stop(): a catch-up ends after the batch in flight, not after the table. */
+  const stopping = new AbortController();
   let delayedCatchUp: { timer: NodeJS.Timeout; reasons: Set<CatchUpReason> } | null = null;
   let retryDelayMs = RETRY_DELAY_MS.first;
+  let failing = false;
   const grace = shape.marker?.graceSeconds ?? 0;
   // With a grace, a NOTIFY deletes nothing: it makes the daemon record when the row was first
   // seen revoked (a boolean column has no time of its own), and a catch-up on a timer deletes
@@ -123,40 +134,44 @@ export function createPurger({
   /** Returns the rows it left because another transaction holds them locked. */
   const deleteBatch = async (batch: readonly Revocation[]) => {
     const started = performance.now();
-    const ids = sql.fragment`${sql.array(
-      batch.map((revocation) => revocation.id),
-      'text',
-    )}::${idTypeOf(shape)}[]`;
+    const { relation } = shape;
+    const idColumn = columnOf(relation, shape.id!.column);
+    const purgeable = purgeablePredicate(shape, relation);
+    const idsOf = (ids: readonly string[]) =>
+      sql.fragment`${sql.array([...ids], 'text')}::${idTypeOf(shape)}[]`;
     // The latency is measured on the database clock: from the trigger's clock_timestamp()
     // at the UPDATE to the end of this DELETE, for the oldest revocation actually deleted.
-    // The rows are locked first, skipping those others hold; (tableoid, ctid) names a row
-    // exactly, also in a partitioned table, whose ids need not be unique across partitions.
-    // `skipped` counts the named rows that were purgeable but not deleted: locked, mostly.
+    const statement = (transaction: DatabaseTransactionConnection) =>
+      transaction.one(sql.type(batchRow)`
+        ${deletion(shape, relation, {
+          using: sql.fragment`unnest(
+            ${idsOf(batch.map((revocation) => revocation.id))},
+            ${sql.array(
+              batch.map((revocation) => revocation.revokedAt),
+              'text',
+            )}::timestamptz[]
+          ) AS batch (token_reaper_id, token_reaper_revoked_at)`,
+          where: sql.fragment`${idColumn} = batch.token_reaper_id AND ${purgeable}`,
+          returning: sql.fragment`batch.token_reaper_revoked_at`,
+        })}
+        SELECT count(*)::int AS deleted,
+               (extract(epoch FROM clock_timestamp() - min(token_reaper_revoked_at)) * 1000)::float8
+                 AS "latencyMs"
+        FROM token_reaper_deleted
+      `);
     const result = await retryOnDeadlock(() =>
-      pool.one(sql.type(batchRow)`
-      ${deletion(shape, shape.relation, {
-        using: sql.fragment`unnest(
-          ${ids},
-          ${sql.array(
-            batch.map((revocation) => revocation.revokedAt),
-            'text',
-          )}::timestamptz[]
-        ) AS batch (token_reaper_id, token_reaper_revoked_at)`,
-        where: sql.fragment`${idColumn} = batch.token_reaper_id AND ${purgeable}
-          AND (${table}.tableoid, ${table}.ctid) IN (
-            SELECT tableoid, ctid FROM ${table}
-            WHERE ${idColumn} = ANY(${ids}) AND ${purgeable}
-            FOR UPDATE SKIP LOCKED)`,
-        returning: sql.fragment`batch.token_reaper_revoked_at`,
-      })}
-      SELECT count(*)::int AS deleted,
-             greatest(0, (SELECT count(*) FROM ${table}
-                          WHERE ${idColumn} = ANY(${ids}) AND ${purgeable}) - count(*))::int
-               AS skipped,
-             (extract(epoch FROM clock_timestamp() - min(token_reaper_revoked_at)) * 1000)::float8
-               AS "latencyMs"
-      FROM token_reaper_deleted
-    `),
+      pool.connect(async (connection) => {
+        const deleted = await withinRowLockWait(connection, relation, statement);
+        if (deleted !== null) return { ...deleted, skipped: 0 };
+        // A row lock is in the way: the other ids go now, the locked ones are left.
+        const around = await deleteAroundLockedRows(connection, {
+          shape,
+          relation,
+          keys: batch.map((revocation) => revocation.id),
+          where: (part) => sql.fragment`${idColumn} = ANY(${idsOf(part)}) AND ${purgeable}`,
+        });
+        return { deleted: around.rows, latencyMs: null, skipped: around.skipped };
+      }),
     );
     const report = {
       table: tableName,
@@ -198,6 +213,7 @@ export function createPurger({
   const purgeBatch = async (batch: readonly Revocation[]): Promise<void> => {
     try {
       const skipped = await (recording ? recordBatch(batch) : deleteBatch(batch));
+      failing = false;
       if (skipped > 0) retryLater('locked_rows');
     } catch (error) {
       if (batch.length > 1 && isValueError(error)) {
@@ -206,6 +222,7 @@ export function createPurger({
         await purgeBatch(batch.slice(half));
         return;
       }
+      failing = true;
       log.warn('purge.failed', 'purge failed; a catch-up will retry', {
         table: tableName,
         ids: batch.length,
@@ -223,12 +240,12 @@ export function createPurger({
     queueFull = false;
     const started = performance.now();
     let deleted = 0;
-    let remaining = 0;
+    let skipped = 0;
     const fields = () => ({
       table: tableName,
       reason: [...reasons].join(','),
       deleted,
-      remaining,
+      skipped,
       durationMs: Math.round(performance.now() - started),
     });
     const emit = (failed: boolean) =>
@@ -240,15 +257,17 @@ export function createPurger({
         failed,
       });
     try {
+      shape = (await describeTarget(pool, rule, config)) ?? shape;
       // An un-revoke whose NOTIFY was lost must not leave a stale time behind.
       if (recording) await forgetRevocations(pool, shape);
       for (const leaf of shape.leaves) {
         if (stopped) break;
         if (recording) await recordUnseenRevocations(pool, shape, leaf);
         const result = await deleteMarkedRows(pool, shape, leaf, {
+          signal: stopping.signal,
           onBatch: (rows) => (deleted += rows),
         });
-        remaining += result.remaining;
+        skipped += result.skipped;
       }
       listenerLog.info(
         'listener.caught_up',
@@ -256,8 +275,9 @@ export function createPurger({
         fields(),
       );
       emit(false);
-      // Rows still revoked and past their grace were locked by another transaction.
-      if (remaining > 0) retryLater('locked_rows');
+      failing = false;
+      // Rows another transaction held locked come back after a backoff.
+      if (skipped > 0) retryLater('locked_rows');
       else retryDelayMs = RETRY_DELAY_MS.first;
     } catch (error) {
       listenerLog.warn(
@@ -266,6 +286,7 @@ export function createPurger({
         { ...fields(), error },
       );
       emit(true);
+      failing = true;
       retryLater('purge_failed');
     }
     for (const resolve of waiters) resolve(deleted);
@@ -329,6 +350,9 @@ export function createPurger({
 
   return {
     tables: payloadTables(shape),
+    get failing() {
+      return failing;
+    },
     receive(payload) {
       if (stopped) return null;
       const parsed = validateRevocation(payload, shape);
@@ -362,6 +386,7 @@ export function createPurger({
     catchUpSoon: (reason) => catchUpAfter(reason, UNTRUSTED_HINT_CATCH_UP_DELAY_MS),
     async stop() {
       stopped = true;
+      stopping.abort();
       if (graceTimer) clearInterval(graceTimer);
       if (delayedCatchUp) clearTimeout(delayedCatchUp.timer);
       delayedCatchUp = null;

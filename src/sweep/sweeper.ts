@@ -2,16 +2,26 @@
 // runs joins it instead of starting another (node-cron's own noOverlap does not cover
 // task.execute(), and SIGUSR1 bypasses node-cron entirely). Across replicas a session-level
 // advisory lock decides: the replica that does not get it logs `sweep.skipped`. The lock
-// lives on a connection held for the whole sweep, so a crashed replica releases it with its
+// lives on a session connection of its own (LISTEN_DATABASE_URL, never through a
+// transaction-mode pooler) held for the whole sweep, so a crashed replica releases it with its
 // connection.
 //
 // A sweep never throws: every failure ends as a `sweep.failed` line and a resolved outcome,
 // so nothing can escape into node-cron or a signal handler and crash the daemon.
-import { sql, type DatabasePool } from 'slonik';
-import { z } from 'zod';
+//
+// Dead rows another transaction holds locked are left by their batch (see tid-range.ts) and
+// reported as `skipped`. Once the sweep has finished, their page ranges are retried in the
+// background with a growing backoff, until they are gone, the sweeper stops, a new sweep
+// starts (it walks them again), or the retry period is over: a lock held that long belongs to
+// a stuck or very long transaction, retrying it only adds load, and the next sweep gets it.
+import { setTimeout as delay } from 'node:timers/promises';
+import type { DatabasePool } from 'slonik';
 import type { Config } from '../config.js';
+import { APPLICATION_NAME, trySessionLock } from '../db.js';
+import { jittered } from '../retry.js';
 import { createReaperEvents, type ReaperEvents } from '../events.js';
 import type { Logger } from '../logger.js';
+import type { TargetRule } from '../targets/rule.js';
 import { forgetRevocations, recordUnseenRevocations } from '../revocations.js';
 import {
   describeTarget,
@@ -21,7 +31,7 @@ import {
 } from '../schema.js';
 import { sweepPartitions, type PartitionReport } from './partitions.js';
 import { trackProgress, type ProgressTracker } from './progress.js';
-import { walkTidRanges, type BatchReport } from './tid-range.js';
+import { deleteTidRange, walkTidRanges, type BatchReport, type TidRange } from './tid-range.js';
 
 export type SweepTrigger = 'schedule' | 'signal' | 'cli' | 'api';
 
@@ -32,6 +42,8 @@ export interface SweepOptions {
 
 export interface TableSweepResult {
   deleted: number;
+  /** Dead rows left because another transaction held them locked; retried after the sweep. */
+  skipped: number;
   /** Dry runs only: the rows a real sweep would delete now. */
   wouldDelete?: number;
   batches: number;
@@ -49,6 +61,8 @@ export type SweepOutcome =
       /** True when a stop request ended the sweep between batches. */
       interrupted: boolean;
       deleted: number;
+      /** Dead rows left locked, in all tables; retried after the sweep. */
+      skipped: number;
       durationMs: number;
       tables: Record<string, TableSweepResult>;
     }
@@ -57,8 +71,40 @@ export type SweepOutcome =
 
 export interface Sweeper {
   sweep(trigger: SweepTrigger, options?: SweepOptions): Promise<SweepOutcome>;
-  /** Stops a running sweep between batches and waits for it; later requests are skipped. */
+  /**
+   * Settles once the retry of the rows the last sweep left locked is over: all deleted, given
+   * up after the retry period, or stopped. At once when nothing is being retried.
+   */
+  retrySettled(): Promise<void>;
+  /**
+   * Stops a running sweep between batches and a retry between ranges, and waits for both;
+   * later requests are skipped.
+   */
   stop(): Promise<void>;
+}
+
+/** How the rows a sweep left locked are retried: a jittered, doubling backoff, for a period. */
+export interface LockedRowsRetry {
+  firstDelayMs: number;
+  maxDelayMs: number;
+  /** From the end of the sweep; then the rows still locked wait for the next sweep. */
+  periodMs: number;
+}
+
+/**
+ * A lock taken for one auth request is gone by the first retry, a second later. Five minutes
+ * outlast any transaction a healthy auth service runs (and the default statement timeout ten
+ * times over) while keeping a stuck one from being polled for hours.
+ */
+export const LOCKED_ROWS_RETRY: LockedRowsRetry = {
+  firstDelayMs: 1_000,
+  maxDelayMs: 30_000,
+  periodMs: 5 * 60_000,
+};
+
+/** A page range whose batch left `rows` dead rows locked. */
+interface LockedRange extends TidRange {
+  rows: number;
 }
 
 /**
@@ -69,38 +115,61 @@ export const SWEEP_LOCK = { classId: 0x746b7270, objectId: 1 } as const;
 
 export interface SweeperDependencies {
   pool: DatabasePool;
-  config: Pick<Config, 'targets' | 'naiveTimestampsTimezone' | 'sweep'>;
+  config: Pick<
+    Config,
+    | 'targets'
+    | 'naiveTimestampsTimezone'
+    | 'sweep'
+    | 'databaseUrl'
+    | 'listenDatabaseUrl'
+    | 'statementTimeoutMs'
+  >;
   logger: Logger;
   events?: ReaperEvents;
+  lockedRowsRetry?: LockedRowsRetry;
+  /**
+   * The rules to sweep, read at each sweep; default config.targets. A daemon passes its rules
+   * pinned to the tables it resolved at start (schema.ts, pinnedRule).
+   */
+  targets?: () => readonly TargetRule[];
 }
 
-const lockedRow = z.object({ locked: z.boolean() });
+const rowsIn = (ranges: readonly LockedRange[]) =>
+  ranges.reduce((sum, range) => sum + range.rows, 0);
 
 export function createSweeper({
   pool,
   config,
   logger,
   events = createReaperEvents(),
+  lockedRowsRetry = LOCKED_ROWS_RETRY,
+  targets = () => config.targets,
 }: SweeperDependencies): Sweeper {
   const log = logger.child('sweep');
   const abort = new AbortController();
   let running: { trigger: SweepTrigger; outcome: Promise<SweepOutcome> } | null = null;
+  let retrying: { controller: AbortController; done: Promise<void> } | null = null;
 
   const skip = (trigger: SweepTrigger, reason: string): SweepOutcome => {
     log.info('sweep.skipped', `sweep skipped: ${reason}`, { trigger, reason });
     return { status: 'skipped', trigger, reason };
   };
 
-  const onBatch = (dryRun: boolean, progress: ProgressTracker) => (batch: BatchReport) => {
-    progress.batch(batch.toPage - batch.fromPage, dryRun ? 0 : batch.rows);
-    log.debug('sweep.batch', 'batch done', {
-      table: qualifiedName(batch.relation),
-      fromPage: batch.fromPage,
-      toPage: batch.toPage,
-      [dryRun ? 'wouldDelete' : 'deleted']: batch.rows,
-      durationMs: batch.durationMs,
-    });
-  };
+  const onBatch =
+    (shape: TableShape, dryRun: boolean, progress: ProgressTracker, locked: LockedRange[]) =>
+    (batch: BatchReport) => {
+      progress.batch(batch.toPage - batch.fromPage, dryRun ? 0 : batch.rows);
+      const { relation, fromPage, toPage, skipped } = batch;
+      if (skipped > 0) locked.push({ shape, relation, fromPage, toPage, rows: skipped });
+      log.debug('sweep.batch', 'batch done', {
+        table: qualifiedName(relation),
+        fromPage,
+        toPage,
+        [dryRun ? 'wouldDelete' : 'deleted']: batch.rows,
+        ...(skipped > 0 ? { skipped } : {}),
+        durationMs: batch.durationMs,
+      });
+    };
 
   // A table partitioned by expiry drops whole partitions; anything else is walked by TID
   // ranges, a partitioned table one leaf at a time.
@@ -113,21 +182,28 @@ export function createSweeper({
       for (const leaf of shape.leaves) await recordUnseenRevocations(pool, shape, leaf);
     }
     const progress = trackProgress(qualifiedName(shape.relation), log, events);
+    const locked: LockedRange[] = [];
     try {
-      return await sweepTableWith(shape, dryRun, progress);
+      const result = await sweepTableWith(shape, dryRun, progress, locked);
+      return { ...result, locked };
     } finally {
       progress.stop();
       if (recording) await forgetRevocations(pool, shape);
     }
   };
 
-  const sweepTableWith = async (shape: TableShape, dryRun: boolean, progress: ProgressTracker) => {
+  const sweepTableWith = async (
+    shape: TableShape,
+    dryRun: boolean,
+    progress: ProgressTracker,
+    locked: LockedRange[],
+  ) => {
     const settings = {
       pool,
       batchPages: config.sweep.batchPages,
       concurrency: config.sweep.concurrency,
       signal: abort.signal,
-      onBatch: onBatch(dryRun, progress),
+      onBatch: onBatch(shape, dryRun, progress, locked),
       onStart: progress.addPages,
     };
     if (shape.partitionedByExpiry) {
@@ -164,10 +240,14 @@ export function createSweeper({
       'sweep.finished',
       outcome.dryRun
         ? `dry run finished: ${wouldDelete} rows would be deleted`
-        : `sweep ${outcome.interrupted ? 'interrupted' : 'finished'}: ${outcome.deleted} rows deleted in ${outcome.durationMs} ms`,
+        : `sweep ${outcome.interrupted ? 'interrupted' : 'finished'}: ${outcome.deleted} rows deleted in ${outcome.durationMs} ms` +
+            (outcome.skipped > 0
+              ? `; ${outcome.skipped} dead rows locked by other transactions are left for a retry`
+              : ''),
       {
         trigger: outcome.trigger,
         deleted: outcome.deleted,
+        skipped: outcome.skipped,
         durationMs: outcome.durationMs,
         tables: outcome.tables,
         ...(outcome.dryRun ? { dryRun: true, wouldDelete } : {}),
@@ -176,66 +256,163 @@ export function createSweeper({
     );
   };
 
+  /** The rows of each table still locked in `ranges`, keyed like sweep.finished's tables. */
+  const rowsByTable = (ranges: readonly LockedRange[]) => {
+    const tables: Record<string, number> = {};
+    for (const range of ranges) {
+      const table = qualifiedName(range.shape.relation);
+      tables[table] = (tables[table] ?? 0) + range.rows;
+    }
+    return tables;
+  };
+
+  // Never throws: like a sweep, a retry ends in a log line whatever happens.
+  const retryLockedRows = async (ranges: readonly LockedRange[], signal: AbortSignal) => {
+    const deadline = performance.now() + lockedRowsRetry.periodMs;
+    let pending = ranges;
+    for (let attempt = 1; pending.length > 0; attempt += 1) {
+      const skipped = rowsIn(pending);
+      const leftFields = { skipped, tables: rowsByTable(pending) };
+      const timeLeft = deadline - performance.now();
+      if (timeLeft <= 0) {
+        log.warn(
+          'sweep.retry_gave_up',
+          `${skipped} dead rows were still locked by other transactions after ${Math.round(lockedRowsRetry.periodMs / 1000)} s of retries; the next sweep deletes them`,
+          { ...leftFields, attempts: attempt - 1, retryPeriodMs: lockedRowsRetry.periodMs },
+        );
+        return;
+      }
+      const backoff = Math.min(
+        lockedRowsRetry.maxDelayMs,
+        lockedRowsRetry.firstDelayMs * 2 ** (attempt - 1),
+      );
+      const wait = Math.min(timeLeft, jittered(backoff));
+      const waited = await delay(wait, true, { signal }).catch(() => false);
+      if (!waited || signal.aborted) {
+        log.info(
+          'sweep.retry_stopped',
+          `the retry of ${skipped} locked rows stopped (${String(signal.reason)}); the next sweep deletes what is left`,
+          { ...leftFields, reason: String(signal.reason) },
+        );
+        return;
+      }
+      const retryStarted = performance.now();
+      const stillLocked: LockedRange[] = [];
+      let deleted = 0;
+      try {
+        for (const [index, range] of pending.entries()) {
+          // Stops between ranges; the next turn of the loop reports it.
+          if (signal.aborted) {
+            stillLocked.push(...pending.slice(index));
+            break;
+          }
+          const result = await deleteTidRange(pool, range);
+          deleted += result.rows;
+          if (result.skipped > 0) stillLocked.push({ ...range, rows: result.skipped });
+        }
+      } catch (error) {
+        log.warn(
+          'sweep.retry_failed',
+          `the retry of ${skipped} locked rows failed; the next sweep deletes them`,
+          { ...leftFields, attempt, error },
+        );
+        return;
+      }
+      pending = stillLocked;
+      log.info(
+        'sweep.retry',
+        `retry ${attempt} of the rows locked during the sweep: ${deleted} deleted, ${rowsIn(pending)} still locked`,
+        {
+          attempt,
+          deleted,
+          skipped: rowsIn(pending),
+          tables: rowsByTable(pending),
+          durationMs: Math.round(performance.now() - retryStarted),
+        },
+      );
+    }
+  };
+
+  const startRetrying = (ranges: readonly LockedRange[]) => {
+    const controller = new AbortController();
+    const current = {
+      controller,
+      done: retryLockedRows(ranges, controller.signal).finally(() => {
+        if (retrying === current) retrying = null;
+      }),
+    };
+    retrying = current;
+  };
+
+  const stopRetrying = async (reason: string) => {
+    const current = retrying;
+    current?.controller.abort(reason);
+    await current?.done;
+  };
+
   const run = async (trigger: SweepTrigger, dryRun: boolean): Promise<SweepOutcome> => {
     const started = performance.now();
+    const lockedRanges: LockedRange[] = [];
     const elapsed = () => Math.round(performance.now() - started);
     try {
-      const outcome = await pool.connect(async (connection): Promise<SweepOutcome> => {
-        // A dry run deletes nothing, so it needs no lock and never waits on another sweep.
-        if (!dryRun) {
-          const locked = await connection.oneFirst(sql.type(lockedRow)`
-            SELECT pg_try_advisory_lock(${SWEEP_LOCK.classId}, ${SWEEP_LOCK.objectId}) AS locked
-          `);
-          if (!locked) return skip(trigger, 'another token-reaper is sweeping this database');
-        }
-        try {
-          log.info('sweep.started', dryRun ? 'dry run started' : 'sweep started', {
-            trigger,
-            dryRun,
-          });
-          const tables: Record<string, TableSweepResult> = {};
-          let deleted = 0;
-          for (const rule of config.targets) {
-            if (abort.signal.aborted) break;
-            const tableStarted = performance.now();
-            // Described again for every sweep: partitions come and go, tables are converted.
-            const shape = await describeTarget(connection, rule, config);
-            if (shape === null) continue;
-            const result = await sweepTable(shape, dryRun);
-            deleted += dryRun ? 0 : result.rows;
-            tables[qualifiedName(shape.relation)] = {
-              deleted: dryRun ? 0 : result.rows,
-              ...(dryRun ? { wouldDelete: result.rows } : {}),
-              batches: result.batches,
-              partitionsDropped: result.partitions?.partitionsDropped ?? 0,
-              durationMs: Math.round(performance.now() - tableStarted),
-              ...(result.partitions ? { partitions: result.partitions } : {}),
-            };
-          }
-          const finished: SweepOutcome = {
-            status: 'finished',
-            trigger,
-            dryRun,
-            interrupted: abort.signal.aborted,
-            deleted,
-            durationMs: elapsed(),
-            tables,
+      // A dry run deletes nothing, so it needs no lock and never waits on another sweep.
+      const lock = dryRun
+        ? null
+        : await trySessionLock(config, logger, SWEEP_LOCK, `${APPLICATION_NAME}-sweep`);
+      if (!dryRun && lock === null) {
+        return skip(trigger, 'another token-reaper is sweeping this database');
+      }
+      // This sweep walks the retried ranges again, and finds what is still locked itself.
+      if (!dryRun) await stopRetrying('a new sweep started');
+      let outcome: SweepOutcome;
+      try {
+        log.info('sweep.started', dryRun ? 'dry run started' : 'sweep started', {
+          trigger,
+          dryRun,
+        });
+        const tables: Record<string, TableSweepResult> = {};
+        let deleted = 0;
+        let skipped = 0;
+        for (const rule of targets()) {
+          if (abort.signal.aborted) break;
+          const tableStarted = performance.now();
+          // Described again for every sweep: partitions come and go, tables are converted.
+          const shape = await describeTarget(pool, rule, config);
+          if (shape === null) continue;
+          const result = await sweepTable(shape, dryRun);
+          const tableSkipped = rowsIn(result.locked);
+          deleted += dryRun ? 0 : result.rows;
+          skipped += tableSkipped;
+          lockedRanges.push(...result.locked);
+          tables[qualifiedName(shape.relation)] = {
+            deleted: dryRun ? 0 : result.rows,
+            skipped: tableSkipped,
+            ...(dryRun ? { wouldDelete: result.rows } : {}),
+            batches: result.batches,
+            partitionsDropped: result.partitions?.partitionsDropped ?? 0,
+            durationMs: Math.round(performance.now() - tableStarted),
+            ...(result.partitions ? { partitions: result.partitions } : {}),
           };
-          return finished;
-        } finally {
-          if (!dryRun) {
-            // If the connection is gone, so is its lock; nothing to report then.
-            await connection
-              .query(
-                sql.unsafe`SELECT pg_advisory_unlock(${SWEEP_LOCK.classId}, ${SWEEP_LOCK.objectId})`,
-              )
-              .catch(() => undefined);
-          }
         }
-      });
+        outcome = {
+          status: 'finished',
+          trigger,
+          dryRun,
+          interrupted: abort.signal.aborted,
+          deleted,
+          skipped,
+          durationMs: elapsed(),
+          tables,
+        };
+      } finally {
+        await lock?.release();
+      }
       // Logged once the lock and the connection are released: a request that reads this
       // line and asks for another sweep gets a new one, not the tail of this one.
-      if (outcome.status === 'finished') logFinished(outcome);
+      if (outcome.status === 'finished') {
+        logFinished(outcome);
+        if (lockedRanges.length > 0 && !abort.signal.aborted) startRetrying(lockedRanges);
+      }
       return outcome;
     } catch (error) {
       const durationMs = elapsed();
@@ -273,9 +450,11 @@ export function createSweeper({
       running = { trigger, outcome };
       return outcome;
     },
+    retrySettled: () => retrying?.done ?? Promise.resolve(),
     async stop() {
       abort.abort();
       await running?.outcome;
+      await stopRetrying('token-reaper is stopping');
     },
   };
 }
