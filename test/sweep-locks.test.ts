@@ -7,8 +7,8 @@ import { expect } from 'chai';
 import type pg from 'pg';
 import { loadConfig } from '../src/config.js';
 import { createDatabasePool } from '../src/db.js';
-import { createSweeper, type LockedRowsRetry } from '../src/sweep/sweeper.js';
-import { createCapturingLogger } from './support/capture-logger.js';
+import { createSweeper, type LockedRowsRetry, type Sweeper } from '../src/sweep/sweeper.js';
+import { createCapturingLogger, type CapturingLogger } from './support/capture-logger.js';
 import { spawnDaemon, waitFor } from './support/cli.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
 import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
@@ -76,6 +76,37 @@ describe('the sweep and rows locked by other transactions', () => {
       seed: Math.random(),
     });
     return table;
+  }
+
+  /**
+   * A sweep leaves exactly the held rows (and reports `expected` for the table); once they
+   * are released, its retry deletes them, and exactly the live rows remain.
+   */
+  async function sweepsAroundThenRetries(
+    {
+      sweeper,
+      logs,
+      table,
+      live,
+      held,
+    }: {
+      sweeper: Sweeper;
+      logs: CapturingLogger;
+      table: string;
+      live: Set<string>;
+      held: { ids: string[]; release(): Promise<void> };
+    },
+    expected: Record<string, number>,
+  ) {
+    const outcome = finishedSweep(await sweeper.sweep('cli'));
+    expect(outcome.tables[table]).to.include(expected);
+    expect(await allIds(database.current, { table })).to.deep.equal(
+      new Set([...live, ...held.ids]),
+    );
+    await held.release();
+    await sweeper.retrySettled();
+    expect(logs.events('sweep.retry').at(-1)).to.include({ skipped: 0 });
+    expect(await allIds(database.current, { table })).to.deep.equal(live);
   }
 
   async function sweeperFor(
@@ -159,15 +190,7 @@ describe('the sweep and rows locked by other transactions', () => {
     // One batch for the whole table, so that all five are found in the same one.
     const { sweeper, logs } = await sweeperFor(table, { SWEEP_BATCH_PAGES: '1000' });
 
-    const outcome = finishedSweep(await sweeper.sweep('cli'));
-    expect(outcome.tables[table]).to.include({ batches: 1, skipped: 5 });
-    expect(await allIds(database.current, { table })).to.deep.equal(
-      new Set([...live, ...held.ids]),
-    );
-    await held.release();
-    await sweeper.retrySettled();
-    expect(logs.events('sweep.retry').at(-1)).to.include({ skipped: 0 });
-    expect(await allIds(database.current, { table })).to.deep.equal(live);
+    await sweepsAroundThenRetries({ sweeper, logs, table, live, held }, { batches: 1, skipped: 5 });
   });
 
   it('skips locked rows in the partitions of a partitioned table, and retries them there', async () => {
@@ -195,15 +218,7 @@ describe('the sweep and rows locked by other transactions', () => {
     const held = await holdDeadRows(database.current, `${table}_1`, 'FOR KEY SHARE', cleanup);
     const { sweeper, logs } = await sweeperFor(table);
 
-    const outcome = finishedSweep(await sweeper.sweep('cli'));
-    expect(outcome.tables[table]).to.include({ skipped: 1 });
-    expect(await allIds(database.current, { table })).to.deep.equal(
-      new Set([...live, ...held.ids]),
-    );
-    await held.release();
-    await sweeper.retrySettled();
-    expect(logs.events('sweep.retry').at(-1)).to.include({ skipped: 0 });
-    expect(await allIds(database.current, { table })).to.deep.equal(live);
+    await sweepsAroundThenRetries({ sweeper, logs, table, live, held }, { skipped: 1 });
   });
 
   it('skips a locked row as a role that may only read and delete, as install --role makes it', async () => {
