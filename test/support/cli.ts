@@ -117,7 +117,9 @@ export function spawnDaemon(
   args: readonly string[],
   environment: ChildEnvironment = {},
 ): ProcessHandle {
-  return spawnProcess(process.execPath, ['--import', 'tsx', ENTRY_POINT, ...args], environment, {
+  // The V8 flag the bin's shebang passes (src/main.ts), so that memory is measured as it runs.
+  const nodeFlags = ['--max-semi-space-size=1', '--import', 'tsx'];
+  return spawnProcess(process.execPath, [...nodeFlags, ENTRY_POINT, ...args], environment, {
     label: `token-reaper ${args.join(' ')}`.trim(),
   });
 }
