@@ -113,10 +113,10 @@ const COMMANDS: Record<
   ) => Promise<number>
 > = {
   async start(config, logger, _flags, environment) {
-    // npx, npm exec and npm run set it. npm runs the daemon through `sh -c`, and where sh is
-    // dash a SIGTERM to npm kills that shell but never reaches the daemon: its parent going
-    // away is then the only sign that it should stop. (README: run the bin directly instead.)
-    const underNpm = environment['npm_lifecycle_event'] !== undefined;
+    // npm runs the daemon through `sh -c`, and where sh is dash a SIGTERM to npm kills that
+    // shell but never reaches the daemon: its parent going away is then the only sign that it
+    // should stop. (README: run the bin directly instead.)
+    const underNpm = startedByNpm(environment);
     const parentPid = process.ppid;
     const pool = await createDatabasePool(config, logger, {
       maximumPoolSize: config.sweep.concurrency + 2,
@@ -164,7 +164,7 @@ const COMMANDS: Record<
     return 0;
   },
 
-  async sweep(config, logger, flags) {
+  async sweep(config, logger, flags, environment) {
     const pool = await createDatabasePool(config, logger, {
       maximumPoolSize: config.sweep.concurrency + 1,
     });
@@ -174,7 +174,8 @@ const COMMANDS: Record<
       pool,
       version: VERSION,
     });
-    onStopSignal(logger, () => daemon.stop());
+    // Under npm, Ctrl-C arrives twice; the second must not force the exit.
+    onStopSignal(logger, () => daemon.stop(), { underNpm: startedByNpm(environment) });
     const progressLine = process.stderr.isTTY ? drawProgress(daemon.events) : null;
     try {
       // Check the tables first, so that a wrong name is a usage error (exit 2), not a
@@ -295,6 +296,11 @@ function parseInvocation(argv: readonly string[]) {
 // outlives its limit, forces the exit. Under npm (`underNpm`) a Ctrl-C arrives twice, from the
 // terminal and forwarded by npm, so a repeat within NPM_FORWARDED_SIGNAL_MS is the same one.
 // Returns the graceful stop, for other reasons to stop.
+/** npx, npm exec and npm run set npm_lifecycle_event for what they run. */
+function startedByNpm(environment: NodeJS.ProcessEnv) {
+  return environment['npm_lifecycle_event'] !== undefined;
+}
+
 function onStopSignal(
   logger: Logger,
   stopGracefully: () => Promise<void>,

@@ -34,10 +34,20 @@ export interface SweepProgressEvent {
   etaSeconds: number | null;
 }
 
+/** A retry of the rows a finished sweep left locked (sweep/sweeper.ts). */
+export interface SweepRetryEvent {
+  attempt: number;
+  /** Rows deleted by this retry, by table. */
+  deleted: Record<string, number>;
+  /** Rows still locked after it. */
+  skipped: number;
+}
+
 export interface ReaperEventMap {
   /** Every sweep's outcome: finished, skipped or failed. */
   sweep: [SweepOutcome];
   progress: [SweepProgressEvent];
+  sweepRetry: [SweepRetryEvent];
   purge: [PurgeBatchEvent];
   catchUp: [CatchUpEvent];
   /** The listener connected (LISTEN in place) or lost its connection. */

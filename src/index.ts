@@ -17,6 +17,7 @@ export type {
   ReaperEventMap,
   ReaperEvents,
   SweepProgressEvent,
+  SweepRetryEvent,
 } from './events.js';
 export type { Health, Readiness, StopOptions, UnreadyReason } from './daemon.js';
 export type { ReadinessProblem } from './readiness.js';

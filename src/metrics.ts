@@ -16,7 +16,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { CatchUpEvent, PurgeBatchEvent, ReaperEvents } from './events.js';
+import type { CatchUpEvent, PurgeBatchEvent, ReaperEvents, SweepRetryEvent } from './events.js';
 import type { Logger } from './logger.js';
 import type { Health, Readiness } from './daemon.js';
 import type { SweepOutcome } from './sweep/sweeper.js';
@@ -139,6 +139,12 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
     rowsDeleted.inc({ table: catchUp.table, path: 'catch_up' }, catchUp.deleted);
     catchUps.inc({ status: catchUp.failed ? 'failed' : 'finished' });
   };
+  // Rows a sweep left locked and its retry deleted later count as the sweep's.
+  const onSweepRetry = (retry: SweepRetryEvent) => {
+    for (const [table, rows] of Object.entries(retry.deleted)) {
+      rowsDeleted.inc({ table, path: 'sweep' }, rows);
+    }
+  };
   const onSweep = (outcome: SweepOutcome) => {
     if (outcome.status !== 'finished') {
       sweeps.inc({ trigger: outcome.trigger, status: outcome.status });
@@ -173,6 +179,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
   events.on('purge', onPurge);
   events.on('catchUp', onCatchUp);
   events.on('sweep', onSweep);
+  events.on('sweepRetry', onSweepRetry);
   events.on('listener', onListener);
 
   return {
@@ -183,6 +190,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
       events.off('purge', onPurge);
       events.off('catchUp', onCatchUp);
       events.off('sweep', onSweep);
+      events.off('sweepRetry', onSweepRetry);
       events.off('listener', onListener);
     },
   };

@@ -7,6 +7,8 @@ import { expect } from 'chai';
 import type pg from 'pg';
 import { loadConfig } from '../src/config.js';
 import { createDatabasePool } from '../src/db.js';
+import { createReaperEvents } from '../src/events.js';
+import { createMetrics, type Metrics } from '../src/metrics.js';
 import { createSweeper, type LockedRowsRetry, type Sweeper } from '../src/sweep/sweeper.js';
 import { createCapturingLogger, type CapturingLogger } from './support/capture-logger.js';
 import { spawnDaemon, waitFor } from './support/cli.js';
@@ -86,12 +88,14 @@ describe('the sweep and rows locked by other transactions', () => {
     {
       sweeper,
       logs,
+      metrics,
       table,
       live,
       held,
     }: {
       sweeper: Sweeper;
       logs: CapturingLogger;
+      metrics: Metrics;
       table: string;
       live: Set<string>;
       held: { ids: string[]; release(): Promise<void> };
@@ -107,6 +111,13 @@ describe('the sweep and rows locked by other transactions', () => {
     await sweeper.retrySettled();
     expect(logs.events('sweep.retry').at(-1)).to.include({ skipped: 0 });
     expect(await allIds(database.current, { table })).to.deep.equal(live);
+    // The rows the retry deleted count as the sweep's, like every other.
+    const counted = (
+      await metrics.registry.getSingleMetric('token_reaper_rows_deleted_total')!.get()
+    ).values
+      .filter((sample) => sample.labels['path'] === 'sweep')
+      .reduce((sum, sample) => sum + sample.value, 0);
+    expect(counted).to.equal(outcome.deleted + held.ids.length);
   }
 
   async function sweeperFor(
@@ -127,17 +138,24 @@ describe('the sweep and rows locked by other transactions', () => {
     const pool = await createDatabasePool(config, logs.logger, {
       maximumPoolSize: config.sweep.concurrency + 1,
     });
+    const events = createReaperEvents();
+    const metrics = createMetrics(events, {
+      readiness: () => ({ ready: true, reasons: [], problems: [] }),
+      defaultMetrics: false,
+    });
     const sweeper = createSweeper({
       pool,
       config,
       logger: logs.logger,
+      events,
       ...(lockedRowsRetry ? { lockedRowsRetry } : {}),
     });
     cleanup.push(async () => {
+      metrics.close();
       await sweeper.stop();
       await pool.end();
     });
-    return { sweeper, logs };
+    return { sweeper, logs, metrics };
   }
 
   for (const mode of LOCK_MODES) {
@@ -188,9 +206,12 @@ describe('the sweep and rows locked by other transactions', () => {
     const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
     const held = await holdDeadRows(database.current, table, 'FOR KEY SHARE', cleanup, 5);
     // One batch for the whole table, so that all five are found in the same one.
-    const { sweeper, logs } = await sweeperFor(table, { SWEEP_BATCH_PAGES: '1000' });
+    const { sweeper, logs, metrics } = await sweeperFor(table, { SWEEP_BATCH_PAGES: '1000' });
 
-    await sweepsAroundThenRetries({ sweeper, logs, table, live, held }, { batches: 1, skipped: 5 });
+    await sweepsAroundThenRetries(
+      { sweeper, logs, metrics, table, live, held },
+      { batches: 1, skipped: 5 },
+    );
   });
 
   it('skips locked rows in the partitions of a partitioned table, and retries them there', async () => {
@@ -216,9 +237,9 @@ describe('the sweep and rows locked by other transactions', () => {
     });
     const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
     const held = await holdDeadRows(database.current, `${table}_1`, 'FOR KEY SHARE', cleanup);
-    const { sweeper, logs } = await sweeperFor(table);
+    const { sweeper, logs, metrics } = await sweeperFor(table);
 
-    await sweepsAroundThenRetries({ sweeper, logs, table, live, held }, { skipped: 1 });
+    await sweepsAroundThenRetries({ sweeper, logs, metrics, table, live, held }, { skipped: 1 });
   });
 
   it('skips a locked row as a role that may only read and delete, as install --role makes it', async () => {

@@ -299,6 +299,7 @@ export function createSweeper({
       const retryStarted = performance.now();
       const stillLocked: LockedRange[] = [];
       let deleted = 0;
+      const deletedByTable: Record<string, number> = {};
       try {
         for (const [index, range] of pending.entries()) {
           // Stops between ranges; the next turn of the loop reports it.
@@ -308,6 +309,8 @@ export function createSweeper({
           }
           const result = await deleteTidRange(pool, range);
           deleted += result.rows;
+          const table = qualifiedName(range.shape.relation);
+          deletedByTable[table] = (deletedByTable[table] ?? 0) + result.rows;
           if (result.skipped > 0) stillLocked.push({ ...range, rows: result.skipped });
         }
       } catch (error) {
@@ -319,6 +322,7 @@ export function createSweeper({
         return;
       }
       pending = stillLocked;
+      events.emit('sweepRetry', { attempt, deleted: deletedByTable, skipped: rowsIn(pending) });
       log.info(
         'sweep.retry',
         `retry ${attempt} of the rows locked during the sweep: ${deleted} deleted, ${rowsIn(pending)} still locked`,

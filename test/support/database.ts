@@ -11,6 +11,7 @@
 import { randomBytes } from 'node:crypto';
 
 import pg from 'pg';
+import { redactUrl } from '../../src/redact.js';
 
 import { startEmbeddedServer } from './embedded-server.js';
 
@@ -42,16 +43,9 @@ export function serverUrl(): string {
 
 /** The URL with any password (in the user part or a `password` parameter) replaced by `***`. */
 export function maskPassword(url: string): string {
-  let parsed: URL;
-  try {
-    parsed = new URL(url);
-  } catch {
-    // Printing an unparseable string could print a password; say nothing about it instead.
-    return '<a database URL that does not parse>';
-  }
-  if (parsed.password !== '') parsed.password = '***';
-  if (parsed.searchParams.has('password')) parsed.searchParams.set('password', '***');
-  return parsed.toString();
+  // Printing an unparseable string could print a password; say nothing about it instead.
+  if (!URL.canParse(url)) return '<a database URL that does not parse>';
+  return redactUrl(url);
 }
 
 /** The server URL with its database replaced by `database`. */
