@@ -6,10 +6,12 @@ import type { Config } from './config.js';
 import { cancelStatements } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import type { Logger } from './logger.js';
-import { createListener, type Listener } from './listener.js';
 import { checkReadiness, type ReadinessProblem, type UnreadyReason } from './readiness.js';
 import { createPurger, type Purger } from './purge/purger.js';
-import { createNotificationRouter, type NotificationRouter } from './purge/router.js';
+import { createNotifySource } from './purge/sources/notify.js';
+import { createPollSource } from './purge/sources/poll.js';
+import type { PurgeSource } from './purge/sources/source.js';
+import { createWalSource } from './purge/sources/wal.js';
 import { startSchedule, type Schedule } from './scheduler.js';
 import {
   describeTargetsToRun,
@@ -46,7 +48,10 @@ export interface Health {
 export interface Daemon {
   /** Typed events: every sweep outcome, progress, purge batches, catch-ups, the listener. */
   readonly events: ReaperEvents;
-  /** True while the listener is connected with LISTEN in place. */
+  /**
+   * True while revocations reach the purge: the listener has LISTEN in place (notify), the
+   * slot streams or stands by for another daemon's (wal), or polls run (poll).
+   */
   readonly listening: boolean;
   /**
    * Ready while the listener is connected and the last sweep did not fail (a skipped sweep
@@ -107,9 +112,8 @@ export function createDaemon({
     if (outcome.status !== 'skipped') lastSweepFailed = outcome.status === 'failed';
   });
   let schedule: Schedule | null = null;
-  let listener: Listener | null = null;
+  let source: PurgeSource | null = null;
   let purgers: Purger[] = [];
-  let router: NotificationRouter | null = null;
   let starting: Promise<void> | null = null;
   let stopping: Promise<void> | null = null;
   let problems: ReadinessProblem[] = [];
@@ -144,12 +148,22 @@ export function createDaemon({
       }
     }
     const prompt = shapes.filter((shape) => shape.notify);
-    for (const shape of prompt.filter((each) => !each.revokeTriggerInstalled)) {
-      log.warn(
-        'listener.trigger_missing',
-        `${qualifiedName(shape.relation)} has no revoke trigger, so revoked tokens wait for the sweep. Run "token-reaper install" to add it.`,
-        { table: qualifiedName(shape.relation) },
-      );
+    const sourceName = config.purge.source;
+    for (const shape of prompt) {
+      const table = qualifiedName(shape.relation);
+      if (sourceName === 'notify' && !shape.revokeTriggerInstalled) {
+        log.warn(
+          'listener.trigger_missing',
+          `${table} has no revoke trigger, so revoked tokens wait for the sweep. Run "token-reaper install" to add it.`,
+          { table },
+        );
+      } else if (sourceName !== 'notify' && shape.revokeTriggerInstalled) {
+        log.warn(
+          'daemon.target_warning',
+          `${table} still has the revoke trigger, which PURGE_SOURCE=${sourceName} does not use and which costs every revoking commit. Run "token-reaper install" with PURGE_SOURCE=${sourceName} to drop it.`,
+          { table },
+        );
+      }
     }
     await checkNeeds();
     readinessTimer = setInterval(
@@ -158,18 +172,9 @@ export function createDaemon({
     );
     readinessTimer.unref();
     purgers = prompt.map((shape) => createPurger({ pool, shape, config, logger, events }));
-    const notifications = createNotificationRouter(purgers, logger);
-    router = notifications;
-    listener = createListener({
-      config,
-      logger,
-      onNotification: (payload) => notifications.route(payload),
-      onConnected: () => {
-        for (const purger of purgers) void purger.catchUp('connected');
-      },
-      events,
-    });
-    await listener.start();
+    const sources = { notify: createNotifySource, wal: createWalSource, poll: createPollSource };
+    source = sources[sourceName]({ config, logger, purgers, events });
+    await source.start();
     if (config.scheduleEnabled) {
       schedule = startSchedule({
         expression: config.sweep.schedule,
@@ -181,6 +186,7 @@ export function createDaemon({
     log.info('daemon.started', `token-reaper ${version} started`, {
       version,
       channel: config.notifyChannel,
+      source: sourceName,
       schedule: schedule ? config.sweep.schedule : null,
       timezone: config.sweep.timezone,
       nextSweepAt: schedule?.nextRun()?.toISOString() ?? null,
@@ -204,9 +210,8 @@ export function createDaemon({
   const stop = async ({ timeoutMs = DEFAULT_STOP_TIMEOUT_MS }: StopOptions = {}) => {
     await starting?.catch(() => undefined);
     if (readinessTimer) clearInterval(readinessTimer);
-    router?.stop();
     const everything = Promise.all([
-      listener?.stop(),
+      source?.stop(),
       ...purgers.map((purger) => purger.stop()),
       schedule?.stop(),
       sweeper.stop(),
@@ -237,19 +242,19 @@ export function createDaemon({
   return {
     events,
     get listening() {
-      return listener?.connected ?? false;
+      return source?.connected ?? false;
     },
     readiness() {
       const reasons = new Set<UnreadyReason>();
-      if (!(listener?.connected ?? false)) reasons.add('listener_disconnected');
-      if (listener?.standby) reasons.add('database_standby');
+      if (!(source?.connected ?? false)) reasons.add('listener_disconnected');
+      if (source?.standby) reasons.add('database_standby');
       if (lastSweepFailed) reasons.add('last_sweep_failed');
       if (purgers.some((purger) => purger.failing)) reasons.add('purge_failing');
       for (const problem of problems) reasons.add(problem.reason);
       return { ready: reasons.size === 0, reasons: [...reasons], problems };
     },
     health() {
-      const downMs = listener?.downForMs() ?? 0;
+      const downMs = source?.downForMs() ?? 0;
       return downMs > config.health.listenerDownUnhealthyAfterSeconds * 1000
         ? { healthy: false, reasons: ['listener_down'] }
         : { healthy: true, reasons: [] };

@@ -43,6 +43,13 @@ export interface SweepRetryEvent {
   skipped: number;
 }
 
+export interface WalSlotEvent {
+  slot: string;
+  /** WAL the slot keeps from removal, in bytes; null when the slot is missing. */
+  retainedBytes: number | null;
+  lost: boolean;
+}
+
 export interface ReaperEventMap {
   /** Every sweep's outcome: finished, skipped or failed. */
   sweep: [SweepOutcome];
@@ -52,6 +59,8 @@ export interface ReaperEventMap {
   catchUp: [CatchUpEvent];
   /** The listener connected (LISTEN in place) or lost its connection. */
   listener: [{ connected: boolean }];
+  /** PURGE_SOURCE=wal: the slot's state, read every 10 s. */
+  walSlot: [WalSlotEvent];
 }
 
 export type ReaperEvents = EventEmitter<ReaperEventMap>;

@@ -5,7 +5,7 @@
 // Every problem of every target comes in the same run; any problem makes the exit code 2.
 import { sql, type CommonQueryMethods, type FragmentSqlToken } from 'slonik';
 import { z } from 'zod';
-import type { Config } from './config.js';
+import type { Config, PurgeSourceName } from './config.js';
 import { targetIndexes } from './install.js';
 import {
   deadPredicate,
@@ -13,6 +13,13 @@ import {
   markedPredicate,
   purgeablePredicate,
 } from './predicates.js';
+import {
+  checkWalPrerequisites,
+  publicationExists,
+  readSlotState,
+  withSlotClient,
+  type SlotState,
+} from './purge/sources/wal-slot.js';
 import { inspectTargets, qualifiedName, relationIdentifier, type TableShape } from './schema.js';
 import { describeReading } from './targets/time.js';
 
@@ -26,14 +33,23 @@ export interface TargetExplanation {
   keepExpiredFor: string | null;
   sweepDeletes: string;
   purgeDeletes: string | null;
-  trigger: 'installed' | 'missing' | 'not used';
+  trigger: 'installed' | 'missing' | 'not used' | 'installed, not used';
   indexes: { name: string; present: boolean }[];
   counts: { rows: number; marked: number; expired: number; dead: number };
   sideEffects: string[];
   warnings: string[];
 }
 
+/** How revocations reach the prompt purge (PURGE_SOURCE), and for `wal` the slot's state. */
+export interface SourceExplanation {
+  name: PurgeSourceName;
+  /** One line: the channel, the interval, or the slot and how much WAL it keeps. */
+  summary: string;
+  slot: (SlotState & { name: string; publication: boolean }) | null;
+}
+
 export interface Explanation {
+  source: SourceExplanation;
   targets: TargetExplanation[];
   notes: string[];
   problems: string[];
@@ -48,17 +64,78 @@ const countsRow = z.object({
 
 export async function explainTargets(
   connection: CommonQueryMethods,
-  config: Pick<Config, 'targets' | 'naiveTimestampsTimezone'>,
+  config: Pick<
+    Config,
+    | 'targets'
+    | 'naiveTimestampsTimezone'
+    | 'purge'
+    | 'notifyChannel'
+    | 'databaseUrl'
+    | 'listenDatabaseUrl'
+  >,
 ): Promise<Explanation> {
   const inspection = await inspectTargets(connection, config);
   const targets: TargetExplanation[] = [];
-  for (const shape of inspection.shapes) targets.push(await explainShape(connection, shape));
-  return { targets, notes: [...inspection.notes], problems: [...inspection.problems] };
+  for (const shape of inspection.shapes) {
+    targets.push(await explainShape(connection, shape, config.purge.source));
+  }
+  const problems = [...inspection.problems];
+  const source = await explainSource(config, problems);
+  return { source, targets, notes: [...inspection.notes], problems };
+}
+
+/** The source's line; for `wal`, what the server lacks goes into `problems`, as the daemon would refuse it. */
+async function explainSource(
+  config: Pick<Config, 'purge' | 'notifyChannel' | 'databaseUrl' | 'listenDatabaseUrl'>,
+  problems: string[],
+): Promise<SourceExplanation> {
+  const { source, walSlot, pollIntervalMs } = config.purge;
+  if (source === 'notify') {
+    return {
+      name: source,
+      summary: `the revoke trigger, LISTEN ${config.notifyChannel}`,
+      slot: null,
+    };
+  }
+  if (source === 'poll') {
+    return { name: source, summary: `the catch-up query every ${pollIntervalMs} ms`, slot: null };
+  }
+  return withSlotClient(config, async (client) => {
+    problems.push(...(await checkWalPrerequisites(client)));
+    const slot = {
+      name: walSlot,
+      publication: await publicationExists(client, walSlot),
+      ...(await readSlotState(client, walSlot)),
+    };
+    if (!slot.publication) {
+      problems.push(
+        `the publication ${walSlot} is missing: run token-reaper install with PURGE_SOURCE=wal`,
+      );
+    }
+    const state = !slot.exists
+      ? 'missing (the daemon makes it, then catches up; token-reaper install makes it now)'
+      : slot.lost
+        ? 'invalidated (the daemon makes it again, then catches up)'
+        : `${slot.active ? 'streaming' : 'idle'}, keeping ${formatBytes(slot.retainedBytes ?? 0)} of WAL`;
+    return { name: source, summary: `logical decoding from the slot ${walSlot}: ${state}`, slot };
+  });
+}
+
+function formatBytes(bytes: number): string {
+  const units = ['bytes', 'kB', 'MB', 'GB', 'TB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`;
 }
 
 async function explainShape(
   connection: CommonQueryMethods,
   shape: TableShape,
+  source: PurgeSourceName,
 ): Promise<TargetExplanation> {
   const table = shape.relation;
   const marked = markedPredicate(shape, table);
@@ -115,15 +192,27 @@ async function explainShape(
     keepExpiredFor: shape.keepExpiredForSeconds > 0 ? seconds(shape.keepExpiredForSeconds) : null,
     sweepDeletes: inline(dead),
     purgeDeletes: shape.notify ? inline(purgeablePredicate(shape, table)) : null,
-    trigger: !shape.notify ? 'not used' : shape.revokeTriggerInstalled ? 'installed' : 'missing',
+    trigger:
+      !shape.notify || source !== 'notify'
+        ? shape.revokeTriggerInstalled
+          ? 'installed, not used'
+          : 'not used'
+        : shape.revokeTriggerInstalled
+          ? 'installed'
+          : 'missing',
     indexes: indexNames.map((name) => ({ name, present: present.has(name) })),
     counts,
     sideEffects: [...shape.sideEffects],
     warnings: [
       ...shape.warnings,
-      ...(shape.notify && !shape.revokeTriggerInstalled
+      ...(source === 'notify' && shape.notify && !shape.revokeTriggerInstalled
         ? [
             'the revoke trigger is not installed, so revoked rows wait for the sweep: run token-reaper install',
+          ]
+        : []),
+      ...(source !== 'notify' && shape.revokeTriggerInstalled
+        ? [
+            `the revoke trigger is still installed, and PURGE_SOURCE=${source} does not use it: every revoking commit pays for its NOTIFY. Run token-reaper install to drop it`,
           ]
         : []),
       ...indexNames
@@ -162,7 +251,10 @@ function seconds(total: number): string {
 
 /** The explanation for a terminal. */
 export function formatExplanation(explanation: Explanation): string {
-  const lines: string[] = [];
+  const lines: string[] = [
+    `purge source: ${explanation.source.name}, ${explanation.source.summary}`,
+    '',
+  ];
   for (const target of explanation.targets) {
     lines.push(`${target.target}: ${target.table}`);
     const row = (label: string, value: string | null) => {

@@ -16,7 +16,13 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { CatchUpEvent, PurgeBatchEvent, ReaperEvents, SweepRetryEvent } from './events.js';
+import type {
+  CatchUpEvent,
+  PurgeBatchEvent,
+  ReaperEvents,
+  SweepRetryEvent,
+  WalSlotEvent,
+} from './events.js';
 import type { Logger } from './logger.js';
 import type { Health, Readiness } from './daemon.js';
 import type { SweepOutcome } from './sweep/sweeper.js';
@@ -118,6 +124,12 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
     help: 'Times the listener connected again after losing its connection.',
     registers,
   });
+  const slotRetained = new Gauge({
+    name: 'token_reaper_wal_slot_retained_bytes',
+    help: 'PURGE_SOURCE=wal: the WAL the replication slot keeps from removal (current LSN − restart_lsn), read every 10 s by the daemon that streams from it. Alert well below max_slot_wal_keep_size.',
+    labelNames: ['slot'] as const,
+    registers,
+  });
   if (options.version !== undefined) {
     new Gauge({
       name: 'token_reaper_build_info',
@@ -176,7 +188,12 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
     connectedBefore = true;
   };
 
+  const onWalSlot = (state: WalSlotEvent) => {
+    if (state.retainedBytes !== null) slotRetained.set({ slot: state.slot }, state.retainedBytes);
+  };
+
   events.on('purge', onPurge);
+  events.on('walSlot', onWalSlot);
   events.on('catchUp', onCatchUp);
   events.on('sweep', onSweep);
   events.on('sweepRetry', onSweepRetry);
@@ -188,6 +205,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
     health: options.health ?? (() => ({ healthy: true, reasons: [] })),
     close() {
       events.off('purge', onPurge);
+      events.off('walSlot', onWalSlot);
       events.off('catchUp', onCatchUp);
       events.off('sweep', onSweep);
       events.off('sweepRetry', onSweepRetry);

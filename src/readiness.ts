@@ -48,7 +48,7 @@ const LOCK_NOT_AVAILABLE = '55P03';
 export async function checkReadiness(
   pool: DatabasePool,
   rules: readonly TargetRule[],
-  config: Pick<Config, 'naiveTimestampsTimezone'>,
+  config: Pick<Config, 'naiveTimestampsTimezone' | 'purge'>,
 ): Promise<ReadinessProblem[]> {
   let shapes: TableShape[];
   try {
@@ -63,7 +63,8 @@ export async function checkReadiness(
   const problems: ReadinessProblem[] = [];
   for (const shape of shapes) {
     const table = qualifiedName(shape.relation);
-    if (shape.notify && !shape.revokeTriggerInstalled) {
+    // Only `notify` needs the trigger; `wal` and `poll` need none.
+    if (config.purge.source === 'notify' && shape.notify && !shape.revokeTriggerInstalled) {
       problems.push({
         reason: 'trigger_missing',
         table,

@@ -154,6 +154,49 @@ describe('behind PgBouncer in transaction mode', function () {
     }, database.url);
   });
 
+  it('runs PURGE_SOURCE=poll entirely through PgBouncer: no LISTEN, no session, no connection of its own', async () => {
+    const poll = { PURGE_SOURCE: 'poll', PURGE_POLL_INTERVAL_MS: '100' };
+    // install needs a session (its lock, CREATE INDEX CONCURRENTLY); the daemon does not.
+    const install = await runCli(['install'], environment(poll));
+    expect(install.code, install.stderr + install.stdout).to.equal(0);
+    const daemon = spawnDaemon(['start'], { ...environment(poll), LISTEN_DATABASE_URL: undefined });
+    await daemon.waitForLog('listener.caught_up');
+
+    const ids = (
+      await database.query<{ id: string }>(
+        `INSERT INTO refresh_tokens (user_id, token_hash, expires_at, revoked)
+         SELECT gen_random_uuid(), md5(random()::text || i), now() + interval '1 day', false
+         FROM generate_series(1, 20) i RETURNING id::text`,
+      )
+    ).map((row) => row.id);
+    await database.query('UPDATE refresh_tokens SET revoked = true WHERE id = ANY($1::uuid[])', [
+      ids,
+    ]);
+    await waitFor(
+      async () =>
+        (
+          await database.query<{ count: number }>(
+            'SELECT count(*)::int AS count FROM refresh_tokens WHERE id = ANY($1::uuid[])',
+            [ids],
+          )
+        )[0]!.count === 0,
+      { message: 'the revoked tokens to be polled away', timeoutMs: 10_000 },
+    );
+    await daemon.waitForLog('purge.polled');
+    // No connection of the daemon's goes direct: the listener's and the session's are absent.
+    const direct = await database.query(
+      `SELECT application_name FROM pg_stat_activity WHERE datname = current_database()
+       AND application_name IN ('token-reaper-listener', 'token-reaper-session')`,
+    );
+    expect(direct).to.deep.equal([]);
+
+    daemon.signal('SIGTERM');
+    expect(await daemon.exited, daemon.describeOutput()).to.deep.equal({ code: 0, signal: null });
+    // Back to notify for the tests that follow.
+    const reinstall = await runCli(['install'], environment());
+    expect(reinstall.code, reinstall.stderr + reinstall.stdout).to.equal(0);
+  });
+
   it('runs a daemon that purges revocations, its pool through PgBouncer, its listener direct', async () => {
     const install = await runCli(['install'], environment());
     expect(install.code, install.stderr + install.stdout).to.equal(0);

@@ -50,16 +50,37 @@ const UNTRUSTED_HINT_CATCH_UP_DELAY_MS = 1_000;
 const RETRY_DELAY_MS = { first: 1_000, maximum: 30_000 };
 
 export type CatchUpReason =
-  'connected' | 'bad_payload' | 'queue_full' | 'grace_due' | 'locked_rows' | 'purge_failed';
+  | 'connected'
+  | 'bad_payload'
+  | 'queue_full'
+  | 'grace_due'
+  | 'locked_rows'
+  | 'purge_failed'
+  | 'poll'
+  | 'slot_created';
+
+/** How long a poll reuses the table's description: partitions come and go, but not by the 100 ms. */
+const POLL_DESCRIPTION_TTL_MS = 10_000;
 
 export interface Purger {
   /** The names a payload for this table carries: the table's, and its partitions'. */
   readonly tables: ReadonlySet<string>;
+  /** The table as last described. */
+  readonly shape: TableShape;
   /**
-   * Validates a parsed NOTIFY payload and queues its id. Returns why a payload is not a
-   * revocation of this table's (the router logs it, and a catch-up follows), or null.
+   * Validates a parsed NOTIFY payload (or a decoded change, in the same form) and queues its
+   * id. Returns why a payload is not a revocation of this table's (the router logs it, and a
+   * catch-up follows), or null.
    */
   receive(payload: PayloadFields): string | null;
+  /**
+   * Resolves once every revocation received before the call is settled: deleted (or found
+   * kept) by a committed DELETE, or recorded; when a batch failed or left locked rows, once a
+   * later catch-up has deleted them. `wal` acknowledges a position only after this, so a
+   * crash never loses a revocation the slot has already let go of. Resolves false instead
+   * when the purger stops first: those revocations were not handled.
+   */
+  settled(): Promise<boolean>;
   /** Deletes every revoked row now in the table; resolves with the count once it has. */
   catchUp(reason: CatchUpReason): Promise<number>;
   /**
@@ -104,8 +125,22 @@ export function createPurger({
    */
   let shape = described;
 
-  /** id → the time of its revocation; a Map, so a repeated id is handled once. */
-  const queue = new Map<string, string>();
+  /**
+   * id → the time of its revocation, and the number of the receive() that queued it; a Map, so
+   * a repeated id is handled once. Insertion order is the order of the numbers.
+   */
+  const queue = new Map<string, { revokedAt: string; received: number }>();
+  /** Numbers every receive(), so settled() knows which revocations came before it. */
+  let received = 0;
+  /** The lowest receive() number in the batch being deleted, or null. */
+  let inFlightFrom: number | null = null;
+  /**
+   * Set when revocations were handed to a catch-up (a failed batch, locked rows, a full
+   * queue): the receive() number by then. A catch-up that starts later and leaves nothing
+   * behind clears it.
+   */
+  let owedToCatchUp: number | null = null;
+  const settledWaiters: { upTo: number; resolve: (settled: boolean) => void }[] = [];
   let queueFull = false;
   /** A catch-up asked for and not yet started, with whoever waits for it. */
   let catchUp: { reasons: Set<CatchUpReason>; waiters: ((deleted: number) => void)[] } | null =
@@ -115,6 +150,7 @@ export function createPurger({
   /** Aborted by stop(): a catch-up ends after the batch in flight, not after the table. */
   const stopping = new AbortController();
   let delayedCatchUp: { timer: NodeJS.Timeout; reasons: Set<CatchUpReason> } | null = null;
+  let describedAt = performance.now();
   let retryDelayMs = RETRY_DELAY_MS.first;
   let failing = false;
   const grace = shape.marker?.graceSeconds ?? 0;
@@ -214,7 +250,10 @@ export function createPurger({
     try {
       const skipped = await (recording ? recordBatch(batch) : deleteBatch(batch));
       failing = false;
-      if (skipped > 0) retryLater('locked_rows');
+      if (skipped > 0) {
+        owedToCatchUp = received;
+        retryLater('locked_rows');
+      }
     } catch (error) {
       if (batch.length > 1 && isValueError(error)) {
         const half = Math.ceil(batch.length / 2);
@@ -223,6 +262,7 @@ export function createPurger({
         return;
       }
       failing = true;
+      owedToCatchUp = received;
       log.warn('purge.failed', 'purge failed; a catch-up will retry', {
         table: tableName,
         ids: batch.length,
@@ -238,6 +278,9 @@ export function createPurger({
     // its own afterwards, which sees the rows this one might have missed.
     catchUp = null;
     queueFull = false;
+    // Every revocation received so far was committed before this catch-up starts, so it
+    // deletes them all: what was owed up to here is paid once it leaves nothing behind.
+    const covers = received;
     const started = performance.now();
     let deleted = 0;
     let skipped = 0;
@@ -256,8 +299,14 @@ export function createPurger({
         durationMs: Math.round(performance.now() - started),
         failed,
       });
+    const pollOnly = reasons.size === 1 && reasons.has('poll');
     try {
-      shape = (await describeTarget(pool, rule, config)) ?? shape;
+      // A poll every 100 ms reuses a recent description; every other catch-up, and a poll
+      // after a failure (a dropped partition, say), describes the table first.
+      if (!pollOnly || failing || performance.now() - describedAt > POLL_DESCRIPTION_TTL_MS) {
+        shape = (await describeTarget(pool, rule, config)) ?? shape;
+        describedAt = performance.now();
+      }
       // An un-revoke whose NOTIFY was lost must not leave a stale time behind.
       if (recording) await forgetRevocations(pool, shape);
       for (const leaf of shape.leaves) {
@@ -269,16 +318,25 @@ export function createPurger({
         });
         skipped += result.skipped;
       }
-      listenerLog.info(
-        'listener.caught_up',
-        `caught up: ${deleted} revoked tokens deleted`,
-        fields(),
-      );
+      if (!pollOnly) {
+        listenerLog.info(
+          'listener.caught_up',
+          `caught up: ${deleted} revoked tokens deleted`,
+          fields(),
+        );
+      } else if (deleted > 0 || skipped > 0) {
+        log.info('purge.polled', `purged ${deleted} revoked tokens`, fields());
+      }
       emit(false);
       failing = false;
       // Rows another transaction held locked come back after a backoff.
-      if (skipped > 0) retryLater('locked_rows');
-      else retryDelayMs = RETRY_DELAY_MS.first;
+      if (skipped > 0) {
+        owedToCatchUp = received;
+        retryLater('locked_rows');
+      } else {
+        retryDelayMs = RETRY_DELAY_MS.first;
+        if (owedToCatchUp !== null && owedToCatchUp <= covers) owedToCatchUp = null;
+      }
     } catch (error) {
       listenerLog.warn(
         'listener.catch_up_failed',
@@ -290,6 +348,21 @@ export function createPurger({
       retryLater('purge_failed');
     }
     for (const resolve of waiters) resolve(deleted);
+    releaseSettled();
+  };
+
+  /** Resolves the settled() calls whose revocations are all deleted, recorded or paid. */
+  const releaseSettled = () => {
+    if (owedToCatchUp !== null && !stopped) return;
+    const firstQueued = queue.values().next().value?.received ?? Infinity;
+    const pendingFrom = Math.min(firstQueued, inFlightFrom ?? Infinity);
+    for (let index = settledWaiters.length - 1; index >= 0; index -= 1) {
+      const waiter = settledWaiters[index]!;
+      if (waiter.upTo < pendingFrom || stopped) {
+        settledWaiters.splice(index, 1);
+        waiter.resolve(!stopped);
+      }
+    }
   };
 
   // One loop at a time: it drains the queue batch by batch, then runs a requested catch-up.
@@ -297,12 +370,15 @@ export function createPurger({
     while (!stopped && (queue.size > 0 || catchUp !== null)) {
       if (queue.size > 0) {
         const batch: Revocation[] = [];
-        for (const [id, revokedAt] of queue) {
+        for (const [id, { revokedAt, received: number }] of queue) {
+          inFlightFrom ??= number;
           batch.push({ id, revokedAt });
           queue.delete(id);
           if (batch.length === MAXIMUM_BATCH_IDS) break;
         }
         await purgeBatch(batch);
+        inFlightFrom = null;
+        releaseSettled();
       } else {
         await runCatchUp();
       }
@@ -350,6 +426,9 @@ export function createPurger({
 
   return {
     tables: payloadTables(shape),
+    get shape() {
+      return shape;
+    },
     get failing() {
       return failing;
     },
@@ -357,6 +436,7 @@ export function createPurger({
       if (stopped) return null;
       const parsed = validateRevocation(payload, shape);
       if ('problem' in parsed) return parsed.problem;
+      received += 1;
       // A catch-up that has not started yet handles this row too.
       if (queueFull) return null;
       if (queue.size >= MAXIMUM_QUEUED_IDS && !queue.has(parsed.id)) {
@@ -369,14 +449,23 @@ export function createPurger({
         // row, so the queue has nothing left to add: deleting it one by one would only
         // produce batches that find nothing.
         queue.clear();
+        owedToCatchUp = received;
         requestCatchUp('queue_full');
         return null;
       }
       // A timestamp column keeps its own revocation time: with a grace, nothing to do now.
       if (grace > 0 && !recording) return null;
-      if (!queue.has(parsed.id)) queue.set(parsed.id, parsed.revokedAt);
+      if (!queue.has(parsed.id)) {
+        queue.set(parsed.id, { revokedAt: parsed.revokedAt, received });
+      }
       start();
       return null;
+    },
+    settled() {
+      return new Promise<boolean>((resolve) => {
+        settledWaiters.push({ upTo: received, resolve });
+        releaseSettled();
+      });
     },
     catchUp(reason) {
       const requested = requestCatchUp(reason);
@@ -395,6 +484,9 @@ export function createPurger({
       // Whoever waits for a catch-up that will not run now is told that nothing was deleted.
       if (catchUp) for (const resolve of catchUp.waiters) resolve(0);
       catchUp = null;
+      // Nothing more will be deleted here: whoever waits is told so, and acknowledges nothing
+      // (wal then decodes those revocations again at the next start).
+      releaseSettled();
     },
   };
 }

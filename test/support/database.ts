@@ -252,8 +252,10 @@ const ownedServers = new Set<OwnedServer>();
  * Starts a dedicated embedded PostgreSQL (about a second) on its own port and data directory.
  * Dispose of it in an `after` hook; global teardown disposes of any that are left.
  */
-export async function startOwnedServer(): Promise<OwnedServer> {
-  const embedded = await startEmbeddedServer({ persistent: true });
+export async function startOwnedServer(
+  options: { settings?: readonly string[] } = {},
+): Promise<OwnedServer> {
+  const embedded = await startEmbeddedServer({ persistent: true, settings: options.settings });
   const owned: OwnedServer = {
     url: embedded.url,
     dataDirectory: embedded.dataDirectory,

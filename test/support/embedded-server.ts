@@ -82,8 +82,10 @@ export function serverFlags(settings: readonly string[]): string[] {
 }
 
 // Listening on 127.0.0.1 only, with no Unix socket, keeps it clear of a system PostgreSQL.
+// wal_level=logical lets tests and the bench use PURGE_SOURCE=wal on this server.
 const SERVER_SETTINGS = [
   ...TEST_SERVER_SETTINGS,
+  'wal_level=logical',
   'listen_addresses=127.0.0.1',
   'unix_socket_directories=',
 ];

@@ -1,0 +1,175 @@
+// The server-side objects of PURGE_SOURCE=wal, in one place for install, uninstall, explain
+// and the daemon: the publication of the token tables and the logical replication slot of the
+// same name, what the server must allow for them, and how full the slot is.
+//
+// A slot is the one object token-reaper makes that can hurt the database when forgotten: it
+// keeps every WAL segment from its confirmed position on, until the disk is full, unless
+// max_slot_wal_keep_size bounds it. So install refuses an unbounded server, uninstall drops
+// the slot, and the daemon reports how much WAL it holds.
+import pg, { escapeIdentifier, escapeLiteral, type ClientBase } from 'pg';
+import { listenerConnectionConfig, type ConnectionSettings } from '../../db.js';
+import type { Relation } from '../../relation.js';
+
+/** pgoutput ships with PostgreSQL: nothing to install on the server. */
+export const OUTPUT_PLUGIN = 'pgoutput';
+
+export interface SlotState {
+  readonly exists: boolean;
+  /** wal_status = 'lost': the server removed WAL the slot needed; it can only be recreated. */
+  readonly lost: boolean;
+  /** A walsender streams from it now (another daemon, or this one). */
+  readonly active: boolean;
+  readonly activePid: number | null;
+  /** WAL the slot keeps from removal: current LSN − restart_lsn. Null when unknown. */
+  readonly retainedBytes: number | null;
+}
+
+const MISSING: SlotState = {
+  exists: false,
+  lost: false,
+  active: false,
+  activePid: null,
+  retainedBytes: null,
+};
+
+/**
+ * A short-lived plain connection to the session URL, closed after `work`: for reading and
+ * making the slot, which a replication connection's simple protocol cannot do with parameters.
+ */
+export async function withSlotClient<T>(
+  config: ConnectionSettings,
+  work: (client: ClientBase) => Promise<T>,
+): Promise<T> {
+  const client = new pg.Client(listenerConnectionConfig(config));
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    return await work(client);
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+/** Whether the publication that `wal` streams exists. */
+export async function publicationExists(client: ClientBase, publication: string) {
+  const { rowCount } = await client.query('SELECT FROM pg_publication WHERE pubname = $1', [
+    publication,
+  ]);
+  return rowCount !== null && rowCount > 0;
+}
+
+export async function readSlotState(client: ClientBase, slot: string): Promise<SlotState> {
+  const { rows } = await client.query<{
+    lost: boolean;
+    active: boolean;
+    active_pid: number | null;
+    retained: string | null;
+  }>(
+    `SELECT coalesce(wal_status = 'lost', false) AS lost, active, active_pid,
+            pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint::text AS retained
+     FROM pg_replication_slots WHERE slot_name = $1`,
+    [slot],
+  );
+  const row = rows[0];
+  if (row === undefined) return MISSING;
+  return {
+    exists: true,
+    lost: row.lost,
+    active: row.active,
+    activePid: row.active_pid,
+    retainedBytes: row.retained === null ? null : Number(row.retained),
+  };
+}
+
+/**
+ * Why this server cannot give `wal` a slot, one message each with its fix; empty when it can.
+ * Reads settings and the current role only, so any role may run it.
+ */
+export async function checkWalPrerequisites(client: ClientBase): Promise<string[]> {
+  const { rows } = await client.query<{
+    wal_level: string;
+    keep_size: string;
+    may_replicate: boolean;
+    role: string;
+  }>(
+    `SELECT current_setting('wal_level') AS wal_level,
+            current_setting('max_slot_wal_keep_size') AS keep_size,
+            current_user AS role,
+            EXISTS (
+              SELECT FROM pg_roles r
+              WHERE pg_has_role(current_user, r.oid, 'USAGE')
+                AND (r.rolreplication OR r.rolsuper OR r.rolname = 'rds_replication')
+            ) AS may_replicate`,
+  );
+  const facts = rows[0]!;
+  const problems: string[] = [];
+  if (facts.wal_level !== 'logical') {
+    problems.push(
+      `PURGE_SOURCE=wal needs wal_level = logical, and the server has ${facts.wal_level}. Run "ALTER SYSTEM SET wal_level = logical;" and restart PostgreSQL (on a managed service, set the parameter: rds.logical_replication = 1 on RDS, cloudsql.logical_decoding = on on Cloud SQL), or use PURGE_SOURCE=poll.`,
+    );
+  }
+  if (!facts.may_replicate) {
+    problems.push(
+      `PURGE_SOURCE=wal needs a role with the REPLICATION attribute to read the slot, and ${facts.role} has none. Run "ALTER ROLE ${escapeIdentifier(facts.role)} REPLICATION;" as a superuser (on RDS, "GRANT rds_replication TO ${escapeIdentifier(facts.role)};"), or let "token-reaper install --role" grant it.`,
+    );
+  }
+  if (facts.keep_size === '-1') {
+    problems.push(
+      `PURGE_SOURCE=wal needs max_slot_wal_keep_size to bound the WAL a slot may keep, and it is -1 (unbounded): a daemon that stays away would fill the disk. Run "ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf();" with a size the disk can spare; past it the slot is given up, and token-reaper recreates it and catches up.`,
+    );
+  }
+  return problems;
+}
+
+/** Creates the slot; one that exists already (another daemon's, a second install) is kept. */
+export async function createSlot(client: ClientBase, slot: string): Promise<boolean> {
+  try {
+    await client.query(`SELECT pg_create_logical_replication_slot($1, $2)`, [slot, OUTPUT_PLUGIN]);
+    return true;
+  } catch (error) {
+    if ((error as { code?: string }).code === '42710') return false;
+    throw error;
+  }
+}
+
+/**
+ * Drops the slot if it exists in this database; a slot a walsender holds is refused by the
+ * server (55006). Slots belong to the whole server: another database's slot of the same name
+ * is not token-reaper's to drop.
+ */
+export async function dropSlot(client: ClientBase, slot: string): Promise<boolean> {
+  const { rows } = await client.query<{ dropped: boolean }>(
+    `SELECT count(pg_drop_replication_slot(slot_name)) > 0 AS dropped
+     FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`,
+    [slot],
+  );
+  return rows[0]?.dropped ?? false;
+}
+
+/** SQL that makes the slot, for `install --print`. */
+export function createSlotSql(slot: string): string {
+  return `SELECT pg_create_logical_replication_slot(${escapeLiteral(slot)}, '${OUTPUT_PLUGIN}') WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(slot)});`;
+}
+
+export function dropSlotSql(slot: string): string {
+  return `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(slot)} AND database = current_database();`;
+}
+
+/**
+ * The publication: updates and inserts only (a revocation is one or the other), and a
+ * partitioned table's changes under its own name rather than its partitions', which come and go.
+ */
+export function publicationSql(publication: string, tables: readonly Relation[]): string[] {
+  const name = escapeIdentifier(publication);
+  const list = tables
+    .map((table) => `${escapeIdentifier(table.schema)}.${escapeIdentifier(table.name)}`)
+    .join(', ');
+  return [
+    `DROP PUBLICATION IF EXISTS ${name};`,
+    `CREATE PUBLICATION ${name} FOR TABLE ${list} WITH (publish = 'update, insert', publish_via_partition_root = true);`,
+  ];
+}
+
+export function dropPublicationSql(publication: string): string {
+  return `DROP PUBLICATION IF EXISTS ${escapeIdentifier(publication)};`;
+}
