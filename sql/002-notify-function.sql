@@ -1,9 +1,10 @@
--- token-reaper: target=all transaction=yes
--- The revoke trigger's function. One function serves any table and channel: the trigger
--- passes the channel as TG_ARGV[0], the name of the id column as TG_ARGV[1], and the table's
--- name as TG_ARGV[2]. On a partitioned table the trigger fires on the partition, whose own
--- name the daemon may not know yet (one made since it started); the argument, cloned with
--- the trigger into every partition, names the table the daemon was configured with.
+-- token-reaper: target=all transaction=yes source=notify
+-- The revoke trigger's function, under PURGE_SOURCE=notify only (install drops it under wal
+-- and poll). One function serves any table and channel: the trigger passes the channel as
+-- TG_ARGV[0], the name of the id column as TG_ARGV[1], and the table's name as TG_ARGV[2].
+-- On a partitioned table the trigger fires on the partition, whose own name the daemon may
+-- not know yet (one made since it started); the argument, cloned with the trigger into every
+-- partition, names the table the daemon was configured with.
 -- The payload carries the table, the row id and the database time of the revocation, and
 -- never the token or its hash. The id goes as text (->>): a bigint past 2^53 would lose
 -- digits as a JSON number. clock_timestamp() rather than now(): the latency the daemon

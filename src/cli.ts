@@ -18,6 +18,7 @@ import {
   buildInstallPlan,
   formatInstallPlan,
   readAttachedIndexes,
+  requireWalPrerequisites,
 } from './install.js';
 import { applyRolePlan, checkRoleName, formatRolePlan, planRole } from './role.js';
 import { createLogger, serializeError, type LogFields, type Logger } from './logger.js';
@@ -25,6 +26,7 @@ import { createMetrics, startMetricsServer, type MetricsServer } from './metrics
 import { convertToPartitioned } from './partition/convert.js';
 import { redactText } from './redact.js';
 import { describeTargets, describeTargetsToRun } from './schema.js';
+import { uninstall } from './uninstall.js';
 import { VERSION } from './version.js';
 
 const USAGE = `token-reaper ${VERSION}: deletes dead refresh tokens and password resets from PostgreSQL.
@@ -35,8 +37,13 @@ Commands:
   start              run the daemon: the schedule and SIGUSR1 sweeps, until SIGTERM or SIGINT
   sweep [--dry-run]  run one sweep now and exit; --dry-run counts what would go, deletes nothing
   install [--print] [--role NAME]
-                     apply the SQL objects (idempotent); --print writes the SQL, changes
-                     nothing; --role also creates a role with just the rights the daemon needs
+                     apply the SQL objects (idempotent) for PURGE_SOURCE, dropping another
+                     source's; --print writes the SQL, changes nothing; --role also creates a
+                     role with just the rights the daemon needs
+  uninstall [--print]
+                     remove every object install made: triggers, function, indexes,
+                     publication, replication slot, the token_reaper schema; --print writes
+                     the SQL, changes nothing
   explain [--json]   show each target's rule as the SQL that will run, how its time columns
                      are read, what is installed and how many rows would go now
   partition convert [--print]
@@ -55,7 +62,7 @@ const NPM_FORWARDED_SIGNAL_MS = 500;
 /** How often `start` under npm checks that its parent is still there. */
 const PARENT_CHECK_INTERVAL_MS = 500;
 
-type Command = 'start' | 'sweep' | 'install' | 'explain' | 'partition convert';
+type Command = 'start' | 'sweep' | 'install' | 'uninstall' | 'explain' | 'partition convert';
 
 /** Flag values as parseArgs returns them: a boolean, or a string for a flag that takes one. */
 type Flags = Record<string, boolean | string | undefined>;
@@ -67,6 +74,7 @@ const FLAGS: Record<Command, Record<string, { type: 'boolean' | 'string' }>> = {
   start: { ...COMMON_FLAGS },
   sweep: { ...COMMON_FLAGS, 'dry-run': { type: 'boolean' } },
   install: { ...COMMON_FLAGS, print: { type: 'boolean' }, role: { type: 'string' } },
+  uninstall: { ...COMMON_FLAGS, print: { type: 'boolean' } },
   explain: { ...COMMON_FLAGS, json: { type: 'boolean' } },
   'partition convert': { ...COMMON_FLAGS, print: { type: 'boolean' } },
 };
@@ -223,11 +231,14 @@ const COMMANDS: Record<
     await client.connect();
     try {
       // Planned before anything is applied, so that a role it refuses changes nothing.
-      const rolePlan = role === null ? null : await planRole(client, role, shapes);
+      const rolePlan =
+        role === null ? null : await planRole(client, role, shapes, config.purge.source);
       if (flags.print) {
         process.stdout.write(`${formatInstallPlan(plan)}\n${formatRolePlan(rolePlan!)}`);
         return 0;
       }
+      // Before anything changes: a server that cannot have the slot is a configuration error.
+      if (plan.source.some((step) => step.kind === 'slot')) await requireWalPrerequisites(client);
       const result = await applyInstallPlan(client, plan, logger, config);
       logger.info(
         'install.finished',
@@ -256,6 +267,8 @@ const COMMANDS: Record<
     }
   },
 
+  uninstall: (config, logger, flags) => uninstall({ config, logger, print: flags.print === true }),
+
   'partition convert': (config, logger, flags) =>
     convertToPartitioned({ config, logger, print: flags.print === true }),
 };
@@ -272,7 +285,7 @@ function parseInvocation(argv: readonly string[]) {
       : [first, rest];
   if (!(name in FLAGS)) {
     throw new ConfigurationError([
-      `unknown command ${JSON.stringify([first, ...(first === 'partition' ? rest.slice(0, 1) : [])].join(' '))}. Use start, sweep, install, explain or partition convert; run token-reaper --help for usage.`,
+      `unknown command ${JSON.stringify([first, ...(first === 'partition' ? rest.slice(0, 1) : [])].join(' '))}. Use start, sweep, install, uninstall, explain or partition convert; run token-reaper --help for usage.`,
     ]);
   }
   const command = name as Command;

@@ -57,7 +57,8 @@ export interface PoolOptions {
 }
 
 /** The settings the connection functions read; LISTEN_DATABASE_URL defaults to DATABASE_URL. */
-export type ConnectionSettings = Pick<Config, 'databaseUrl'> & Partial<Pick<Config, 'listenDatabaseUrl'>>;
+export type ConnectionSettings = Pick<Config, 'databaseUrl'> &
+  Partial<Pick<Config, 'listenDatabaseUrl'>>;
 
 /** The URL of session connections: LISTEN_DATABASE_URL, else DATABASE_URL. */
 export function sessionDatabaseUrl(config: ConnectionSettings): string {

@@ -17,6 +17,11 @@
 // there for a second at most, then rolls back and tries again later (install.lock_timeout),
 // like the sweep's partition DDL. A concurrent build blocks no writer and waits in one go.
 // Either gives up after INSTALL_LOCK_TIMEOUT, naming the blockers.
+//
+// PURGE_SOURCE decides the rest: the files marked `source=notify` (the trigger and its
+// function) are in the plan under notify only, and after the files come the source's steps
+// (SourceStep): the publication and the slot under wal, and the drops of what another source
+// left. Those are checked against the catalog on every run rather than recorded.
 import { createHash } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -25,9 +30,18 @@ import type pg from 'pg';
 import { sql, type CommonQueryMethods } from 'slonik';
 import { z } from 'zod';
 import { escapeIdentifier, escapeLiteral } from 'pg';
-import type { Config } from './config.js';
+import { PURGE_SOURCES, type Config, type PurgeConfig, type PurgeSourceName } from './config.js';
 import { APPLICATION_NAME, createSessionClient } from './db.js';
-import { NewerSchemaVersionError } from './errors.js';
+import { ConfigurationError, NewerSchemaVersionError } from './errors.js';
+import {
+  checkWalPrerequisites,
+  createSlotSql,
+  dropPublicationSql,
+  dropSlotSql,
+  OUTPUT_PLUGIN,
+  publicationSql,
+  readSlotState,
+} from './purge/sources/wal-slot.js';
 import { retryOnLockTimeout } from './retry.js';
 import { serializeError, type Logger } from './logger.js';
 import {
@@ -80,6 +94,12 @@ interface SqlFile {
   scope: FileScope;
   transactional: boolean;
   indexVariable: string | null;
+  /**
+   * The PURGE_SOURCEs the file belongs to (`source=notify`), or null for every source. A file
+   * out of the source's scope is left out of the plan, and what it made is dropped
+   * (sourceSteps), so that a switch of source leaves no trigger firing for nobody.
+   */
+  sources: readonly PurgeSourceName[] | null;
 }
 
 const DIRECTIVE = /^-- token-reaper: (.*)$/m;
@@ -101,6 +121,10 @@ export async function readSqlFiles(directory = SQL_DIRECTORY): Promise<SqlFile[]
           `sql/${file} has no valid "-- token-reaper: target=all|notify|expiry" directive`,
         );
       }
+      const sources = settings.get('source')?.split(',') ?? null;
+      if (sources?.some((source) => !(PURGE_SOURCES as readonly string[]).includes(source))) {
+        throw new Error(`sql/${file} names a source that is not ${PURGE_SOURCES.join(', ')}`);
+      }
       return {
         version: Number(file.slice(0, 3)),
         file,
@@ -108,6 +132,7 @@ export async function readSqlFiles(directory = SQL_DIRECTORY): Promise<SqlFile[]
         scope,
         transactional: settings.get('transaction') !== 'none',
         indexVariable: settings.get('index') ?? null,
+        sources: sources as PurgeSourceName[] | null,
       };
     }),
   );
@@ -226,40 +251,63 @@ export async function readAttachedIndexes(
   return attached;
 }
 
+/** What install does, in order: the files of sql/, then the purge source's objects. */
+export interface InstallPlan {
+  steps: InstallStep[];
+  source: SourceStep[];
+}
+
 export async function buildInstallPlan(
-  config: Pick<Config, 'notifyChannel'>,
+  config: Pick<Config, 'notifyChannel' | 'purge'>,
   shapes: readonly TableShape[],
   attachedIndexes: AttachedIndexes = new Map(),
   directory = SQL_DIRECTORY,
-): Promise<InstallStep[]> {
-  const files = (await readSqlFiles(directory)).filter(
-    (file) => file.scope === 'all' || shapes.some((shape) => inScope(file, shape)),
+): Promise<InstallPlan> {
+  const allFiles = await readSqlFiles(directory);
+  const forSource = (file: SqlFile) =>
+    file.sources === null || file.sources.includes(config.purge.source);
+  const files = allFiles.filter(
+    (file) =>
+      forSource(file) && (file.scope === 'all' || shapes.some((shape) => inScope(file, shape))),
   );
-  return files.map((file) => {
-    const statements = renderStatements(file, config, shapes, attachedIndexes);
-    // The checksum is of the file rendered for these tables, not of what the database already
-    // has: indexes a partition got from its parent make statements drop out, not the file change.
-    const rendered = renderStatements(file, config, shapes, new Map());
-    const checksum = createHash('sha256')
-      .update(rendered.map((statement) => statement.sql).join('\n'))
-      .digest('hex')
-      .slice(0, 16);
-    return {
-      version: file.version,
-      file: file.file,
-      transactional: file.transactional,
-      statements,
-      checksum,
-      triggerTables: file.text.includes(`TRIGGER ${REVOKE_TRIGGER_NAME}`)
-        ? shapes.filter((shape) => inScope(file, shape)).map((shape) => quotedName(shape.relation))
-        : [],
-      recordSql:
-        `INSERT INTO token_reaper.schema_version (version, name, checksum) ` +
-        `VALUES (${file.version}, ${escapeLiteral(file.file)}, ${escapeLiteral(checksum)}) ` +
-        `ON CONFLICT (version) DO UPDATE SET name = EXCLUDED.name, ` +
-        `checksum = EXCLUDED.checksum, applied_at = now();`,
-    };
-  });
+  const otherSourcesVersions = allFiles
+    .filter((file) => !forSource(file))
+    .map((file) => file.version);
+  return {
+    steps: files.map((file) => installStep(file, config, shapes, attachedIndexes)),
+    source: sourceSteps(config.purge, shapes, otherSourcesVersions),
+  };
+}
+
+function installStep(
+  file: SqlFile,
+  config: Pick<Config, 'notifyChannel'>,
+  shapes: readonly TableShape[],
+  attachedIndexes: AttachedIndexes,
+): InstallStep {
+  const statements = renderStatements(file, config, shapes, attachedIndexes);
+  // The checksum is of the file rendered for these tables, not of what the database already
+  // has: indexes a partition got from its parent make statements drop out, not the file change.
+  const rendered = renderStatements(file, config, shapes, new Map());
+  const checksum = createHash('sha256')
+    .update(rendered.map((statement) => statement.sql).join('\n'))
+    .digest('hex')
+    .slice(0, 16);
+  return {
+    version: file.version,
+    file: file.file,
+    transactional: file.transactional,
+    statements,
+    checksum,
+    triggerTables: file.text.includes(`TRIGGER ${REVOKE_TRIGGER_NAME}`)
+      ? shapes.filter((shape) => inScope(file, shape)).map((shape) => quotedName(shape.relation))
+      : [],
+    recordSql:
+      `INSERT INTO token_reaper.schema_version (version, name, checksum) ` +
+      `VALUES (${file.version}, ${escapeLiteral(file.file)}, ${escapeLiteral(checksum)}) ` +
+      `ON CONFLICT (version) DO UPDATE SET name = EXCLUDED.name, ` +
+      `checksum = EXCLUDED.checksum, applied_at = now();`,
+  };
 }
 
 function renderStatements(
@@ -324,15 +372,16 @@ function partitionedIndexStatements(
 }
 
 /** The plan as one SQL script, for a DBA to review or to put into their own migrations. */
-export function formatInstallPlan(steps: readonly InstallStep[]): string {
+export function formatInstallPlan(plan: InstallPlan): string {
   const parts = ['-- token-reaper install plan: the SQL `token-reaper install` runs, in order.'];
-  for (const step of steps) {
+  for (const step of plan.steps) {
     parts.push(
       step.transactional
         ? `-- ${step.file}\nBEGIN;\n${sqlOf(step)}\n${step.recordSql}\nCOMMIT;`
         : `-- ${step.file} (outside a transaction: CREATE INDEX CONCURRENTLY cannot run in one)\n${sqlOf(step)}\n${step.recordSql}`,
     );
   }
+  parts.push(...plan.source.map(formatSourceStep));
   return `${parts.join('\n\n')}\n`;
 }
 
@@ -347,51 +396,29 @@ export type InstallSettings = Parameters<typeof createSessionClient>[0] &
 
 export async function applyInstallPlan(
   client: pg.Client,
-  steps: readonly InstallStep[],
+  plan: InstallPlan,
   logger: Logger,
   settings: InstallSettings,
 ): Promise<InstallResult> {
   const log = logger.child('install');
-  await acquireInstallLock(client, log);
-  const watch = await watchBlockers(client, settings, log);
-  const patience = { watch, log, budgetMs: settings.installLockTimeoutSeconds * 1000 };
-  try {
-    // The session's lock_timeout bounds every wait outside the short DDL transactions: the
-    // concurrent index builds, and the drop of an index a failed build left invalid.
-    await client.query(`SELECT set_config('lock_timeout', $1, false)`, [`${patience.budgetMs}ms`]);
+  return withInstallSession(client, log, settings, async (patience) => {
     const recorded = await recordedVersions(client);
     const newest = Math.max(0, ...recorded.keys());
-    const known = Math.max(0, ...steps.map((step) => step.version));
+    const known = Math.max(0, ...plan.steps.map((step) => step.version));
     if (newest > known) {
       throw new NewerSchemaVersionError([
         `the database's token_reaper schema is at version ${newest}, newer than this token-reaper knows (${known}). Upgrade token-reaper.`,
       ]);
     }
     const result: InstallResult = { applied: [], unchanged: [] };
-    for (const step of steps) {
+    for (const step of plan.steps) {
       if (recorded.get(step.version) === step.checksum && !(await objectsMissing(client, step))) {
         result.unchanged.push(step.file);
         continue;
       }
-      watch.file = step.file;
+      patience.watch.file = step.file;
       const started = performance.now();
-      if (step.transactional) {
-        await inShortLockTransactions(client, step.file, patience, async () => {
-          await client.query(sqlOf(step));
-          await client.query(step.recordSql);
-        });
-      } else {
-        for (const statement of step.statements) {
-          if (statement.index) {
-            await buildConcurrently(client, step.file, statement.sql, statement.index, patience);
-          } else {
-            await inShortLockTransactions(client, step.file, patience, () =>
-              client.query(statement.sql),
-            );
-          }
-        }
-        await client.query(step.recordSql);
-      }
+      await applyStep(client, step, patience);
       result.applied.push(step.file);
       log.info('install.applied', `applied ${step.file}`, {
         file: step.file,
@@ -399,7 +426,62 @@ export async function applyInstallPlan(
         durationMs: Math.round(performance.now() - started),
       });
     }
+    // After the files, so that a switch adds the new source's objects before it drops the old
+    // one's: no revocation goes unseen in between.
+    for (const step of plan.source) {
+      const label = sourceStepLabel(step);
+      patience.watch.file = label;
+      const started = performance.now();
+      if (!(await applySourceStep(client, step, patience))) {
+        result.unchanged.push(label);
+        continue;
+      }
+      result.applied.push(label);
+      log.info('install.applied', `applied ${label}`, {
+        file: label,
+        durationMs: Math.round(performance.now() - started),
+      });
+    }
     return result;
+  });
+}
+
+async function applyStep(client: pg.Client, step: InstallStep, patience: Patience) {
+  if (step.transactional) {
+    await inShortLockTransactions(client, step.file, patience, async () => {
+      await client.query(sqlOf(step));
+      await client.query(step.recordSql);
+    });
+    return;
+  }
+  for (const statement of step.statements) {
+    if (statement.index) {
+      await buildConcurrently(client, step.file, statement.sql, statement.index, patience);
+    } else {
+      await inShortLockTransactions(client, step.file, patience, () => client.query(statement.sql));
+    }
+  }
+  await client.query(step.recordSql);
+}
+
+/**
+ * Runs `work` the way install changes the database, also for uninstall: under install's
+ * advisory lock, watched for blockers, with INSTALL_LOCK_TIMEOUT as the session's lock_timeout.
+ * That lock_timeout bounds every wait outside the short DDL transactions: the concurrent index
+ * builds and drops, and a slot's creation, which waits for the transactions in progress.
+ */
+export async function withInstallSession<T>(
+  client: pg.Client,
+  log: Logger,
+  settings: InstallSettings,
+  work: (patience: Patience) => Promise<T>,
+): Promise<T> {
+  await acquireInstallLock(client, log);
+  const watch = await watchBlockers(client, settings, log);
+  const patience = { watch, log, budgetMs: settings.installLockTimeoutSeconds * 1000 };
+  try {
+    await client.query(`SELECT set_config('lock_timeout', $1, false)`, [`${patience.budgetMs}ms`]);
+    return await work(patience);
   } finally {
     await watch.stop();
     await client.query('RESET lock_timeout');
@@ -408,6 +490,290 @@ export async function applyInstallPlan(
       INSTALL_LOCK.objectId,
     ]);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The purge source's objects (PURGE_SOURCE). They are not recorded in schema_version: each run
+// reads the catalog and adds what the source needs and drops what another source left, so a
+// switch either way, and back, is one `install`, and a second run finds nothing to do. The
+// slot is no transactional object at all (it cannot be made in a transaction that wrote).
+//
+// notify: the revoke trigger (sql/002, 003); no publication, no slot.
+// wal:    the publication, then the slot (pgoutput reads the publication with the catalog as it
+//         was when each change was written, so it must be older than the slot); no trigger.
+// poll:   none of them.
+// The partial index on marked rows (sql/005) serves every source: the catch-up and poll use it.
+
+/** One change to the purge source's objects; its SQL is idempotent, and --print shows it. */
+export type SourceStep =
+  | { readonly kind: 'publication'; readonly name: string; readonly tables: readonly Relation[] }
+  | { readonly kind: 'slot'; readonly name: string }
+  | {
+      readonly kind: 'dropRevokeTriggers';
+      /** The targets the trigger would be on, for --print; apply drops what the catalog has. */
+      readonly tables: readonly Relation[];
+      /** The version rows of the files that made the trigger and its function. */
+      readonly versions: readonly number[];
+    }
+  | { readonly kind: 'dropSlot'; readonly name: string }
+  | { readonly kind: 'dropPublication'; readonly name: string };
+
+/** The source's objects, added first, then the other sources' objects, dropped. */
+function sourceSteps(
+  purge: Pick<PurgeConfig, 'source' | 'walSlot'>,
+  shapes: readonly TableShape[],
+  otherSourcesVersions: readonly number[],
+): SourceStep[] {
+  const prompt = shapes
+    .filter((shape) => shape.notify && shape.marker !== null)
+    .map((shape) => shape.relation);
+  // With no target to purge promptly there is nothing to stream: a slot would only keep WAL.
+  const streams = purge.source === 'wal' && prompt.length > 0;
+  const name = purge.walSlot;
+  const steps: SourceStep[] = [];
+  if (streams) steps.push({ kind: 'publication', name, tables: prompt }, { kind: 'slot', name });
+  if (purge.source !== 'notify') {
+    steps.push({ kind: 'dropRevokeTriggers', tables: prompt, versions: otherSourcesVersions });
+  }
+  // The slot first: a walsender streaming from it fails once its publication is gone.
+  if (!streams) steps.push({ kind: 'dropSlot', name }, { kind: 'dropPublication', name });
+  return steps;
+}
+
+export function sourceStepLabel(step: SourceStep): string {
+  switch (step.kind) {
+    case 'publication':
+      return `publication ${step.name}`;
+    case 'slot':
+      return `replication slot ${step.name}`;
+    case 'dropRevokeTriggers':
+      return 'drop revoke trigger';
+    case 'dropSlot':
+      return `drop replication slot ${step.name}`;
+    case 'dropPublication':
+      return `drop publication ${step.name}`;
+  }
+}
+
+const REVOKE_FUNCTION = 'token_reaper.notify_revoked()';
+
+/** The step as --print shows it: the same statements apply runs when the catalog needs them. */
+export function formatSourceStep(step: SourceStep): string {
+  const title = `-- ${sourceStepLabel(step)}`;
+  switch (step.kind) {
+    case 'publication':
+      return `${title} (before the slot: pgoutput reads it as it was when each change was written)\n${transaction(publicationSql(step.name, step.tables))}`;
+    case 'slot':
+      return `${title} (outside a transaction: a slot cannot be made in one that wrote; one the server gave up, wal_status = 'lost', is made again)\n${dropLostSlotSql(step.name)}\n${createSlotSql(step.name)}`;
+    case 'dropRevokeTriggers':
+      return [
+        `${title}: revocations reach the daemon another way`,
+        ...step.tables.map((table) => transaction([dropTriggerSql(table, REVOKE_TRIGGER_NAME)])),
+        transaction(dropRevokeFunctionSql(step.versions)),
+      ].join('\n');
+    case 'dropSlot':
+      return `${title} (a walsender streaming from it is ended first: SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(step.name)};)\n${dropSlotSql(step.name)}`;
+    case 'dropPublication':
+      return `${title}\n${transaction([dropPublicationSql(step.name)])}`;
+  }
+}
+
+/** Makes the catalog match the step; false when it already did. */
+export async function applySourceStep(
+  client: pg.Client,
+  step: SourceStep,
+  patience: Patience,
+): Promise<boolean> {
+  const label = sourceStepLabel(step);
+  switch (step.kind) {
+    case 'publication': {
+      if (await publicationMatches(client, step.name, step.tables)) return false;
+      await inShortLockTransactions(client, label, patience, () =>
+        client.query(publicationSql(step.name, step.tables).join('\n')),
+      );
+      return true;
+    }
+    case 'slot': {
+      const slot = await readOwnSlot(client, step.name);
+      if (slot.foreign !== null) throw new ConfigurationError([slot.foreign]);
+      if (slot.state.exists && !slot.state.lost) return false;
+      if (slot.state.lost) {
+        patience.log.warn(
+          'install.slot_lost',
+          `the replication slot ${step.name} was given up by the server (max_slot_wal_keep_size); making it again`,
+          { slot: step.name },
+        );
+        await dropOwnSlot(client, step.name, patience);
+      }
+      // It waits for the transactions in progress to end, which blocks no writer.
+      await waitInOneGo(client, label, createSlotSql(step.name), patience, 'No slot was made.');
+      return true;
+    }
+    case 'dropRevokeTriggers':
+      return dropRevokeTriggers(client, step, patience);
+    case 'dropSlot': {
+      const slot = await readOwnSlot(client, step.name);
+      // Another database's slot of the same name is not ours to drop.
+      if (!slot.state.exists || slot.foreign !== null) return false;
+      await dropOwnSlot(client, step.name, patience);
+      return true;
+    }
+    case 'dropPublication': {
+      const found = await client.query('SELECT FROM pg_catalog.pg_publication WHERE pubname = $1', [
+        step.name,
+      ]);
+      if (found.rowCount === 0) return false;
+      await inShortLockTransactions(client, label, patience, () =>
+        client.query(dropPublicationSql(step.name)),
+      );
+      return true;
+    }
+  }
+}
+
+/** PURGE_SOURCE=wal on this server: a ConfigurationError (exit 2) naming each fix, if it cannot. */
+export async function requireWalPrerequisites(client: pg.Client): Promise<void> {
+  const problems = await checkWalPrerequisites(client);
+  if (problems.length > 0) throw new ConfigurationError(problems);
+}
+
+/** Whether the publication exists exactly as publicationSql makes it. */
+async function publicationMatches(
+  client: pg.Client,
+  name: string,
+  tables: readonly Relation[],
+): Promise<boolean> {
+  const { rows } = await client.query<{ matches: boolean; tables: [string, string][] }>(
+    `SELECT NOT p.puballtables AND p.pubinsert AND p.pubupdate AND NOT p.pubdelete
+              AND NOT p.pubtruncate AND p.pubviaroot AS matches,
+            (SELECT coalesce(json_agg(json_build_array(n.nspname, c.relname)), '[]')
+             FROM pg_catalog.pg_publication_rel r
+             JOIN pg_catalog.pg_class c ON c.oid = r.prrelid
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE r.prpubid = p.oid) AS tables
+     FROM pg_catalog.pg_publication p WHERE p.pubname = $1`,
+    [name],
+  );
+  const found = rows[0];
+  if (found === undefined || !found.matches) return false;
+  const names = (pairs: (readonly [string, string])[]) =>
+    JSON.stringify(pairs.map((pair) => JSON.stringify(pair)).sort());
+  return names(found.tables) === names(tables.map((table) => [table.schema, table.name]));
+}
+
+/**
+ * The slot's state, and why it is not token-reaper's when it is not: slots belong to the
+ * cluster, and another database (or tool) may have one of the name.
+ */
+async function readOwnSlot(client: pg.Client, name: string) {
+  const state = await readSlotState(client, name);
+  const { rows } = await client.query<{ database: string | null; plugin: string | null }>(
+    `SELECT database, plugin FROM pg_catalog.pg_replication_slots
+     WHERE slot_name = $1 AND NOT (database = current_database() AND plugin = $2)`,
+    [name, OUTPUT_PLUGIN],
+  );
+  const other = rows[0];
+  const foreign =
+    other === undefined
+      ? null
+      : `the replication slot ${name} exists, and is ${other.database === null ? 'a physical slot' : `a slot of database ${other.database}${other.plugin === OUTPUT_PLUGIN ? '' : ` with the plugin ${other.plugin}`}`}, not token-reaper's in this database. Set PURGE_WAL_SLOT to a name of its own for this database (slots are shared by the whole server).`;
+  return { state, foreign };
+}
+
+const OBJECT_IN_USE = '55006';
+
+/**
+ * Drops token-reaper's slot. A walsender streaming from it (the daemon, still running under
+ * wal) makes the server refuse (55006): it is token-reaper's own, so that walsender is ended
+ * and the drop tried again, until INSTALL_LOCK_TIMEOUT is spent.
+ */
+async function dropOwnSlot(client: pg.Client, name: string, { log, budgetMs }: Patience) {
+  const started = performance.now();
+  for (;;) {
+    try {
+      await client.query(dropSlotSql(name));
+      return;
+    } catch (error) {
+      if (serializeError(error).code !== OBJECT_IN_USE) throw error;
+    }
+    const { activePid } = await readSlotState(client, name);
+    if (performance.now() - started > budgetMs) {
+      throw new Error(
+        `install gave up dropping the replication slot ${name} after ${formatSeconds(performance.now() - started)}: a walsender (pid ${activePid}) took it again each time it was ended. Stop the daemons that stream from it (PURGE_SOURCE=wal), then run this again.`,
+      );
+    }
+    if (activePid === null) continue;
+    // pg_terminate_backend(pid, timeout) waits for the walsender to exit, so the retry finds
+    // the slot released unless a daemon took it again meanwhile.
+    await client.query('SELECT pg_terminate_backend($1, 5000)', [activePid]);
+    log.warn(
+      'install.walsender_terminated',
+      `ended the walsender (pid ${activePid}) streaming from the replication slot ${name}, to drop the slot`,
+      { slot: name, pid: activePid },
+    );
+  }
+}
+
+/**
+ * Drops every revoke trigger token-reaper's function serves, as the catalog has them (also on
+ * a table no longer configured), then the function and the version rows of the files that made
+ * them, so that a switch back to notify applies those files again.
+ */
+async function dropRevokeTriggers(
+  client: pg.Client,
+  step: Extract<SourceStep, { kind: 'dropRevokeTriggers' }>,
+  patience: Patience,
+): Promise<boolean> {
+  const label = sourceStepLabel(step);
+  // A partition's clone goes with its parent's trigger (tgparentid names the parent's).
+  const triggers = await client.query<{ table: string; name: string }>(
+    `SELECT format('%I.%I', n.nspname, c.relname) AS table, t.tgname AS name
+     FROM pg_catalog.pg_trigger t
+     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE t.tgfoid = to_regprocedure($1) AND t.tgparentid = 0 AND NOT t.tgisinternal`,
+    [REVOKE_FUNCTION],
+  );
+  for (const trigger of triggers.rows) {
+    // DROP TRIGGER takes ACCESS EXCLUSIVE on the table: short attempts, like every DDL here.
+    await inShortLockTransactions(client, label, patience, () =>
+      client.query(`DROP TRIGGER IF EXISTS ${escapeIdentifier(trigger.name)} ON ${trigger.table};`),
+    );
+  }
+  const leftovers = await client.query<{ present: boolean }>(
+    'SELECT to_regprocedure($1) IS NOT NULL AS present',
+    [REVOKE_FUNCTION],
+  );
+  const recorded = await recordedVersions(client);
+  const recordsLeft = step.versions.some((version) => recorded.has(version));
+  if (!leftovers.rows[0]!.present && !recordsLeft) return triggers.rowCount !== 0;
+  await inShortLockTransactions(client, label, patience, () =>
+    client.query(dropRevokeFunctionSql(recordsLeft ? step.versions : []).join('\n')),
+  );
+  return true;
+}
+
+export function dropTriggerSql(table: Relation, trigger: string) {
+  return `DROP TRIGGER IF EXISTS ${escapeIdentifier(trigger)} ON ${quotedName(table)};`;
+}
+
+/** The trigger function, and the version rows of the files that made it (none to forget: []). */
+function dropRevokeFunctionSql(versions: readonly number[]) {
+  return [
+    `DROP FUNCTION IF EXISTS ${REVOKE_FUNCTION};`,
+    ...(versions.length === 0
+      ? []
+      : [`DELETE FROM token_reaper.schema_version WHERE version IN (${versions.join(', ')});`]),
+  ];
+}
+
+function dropLostSlotSql(slot: string) {
+  return `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(slot)} AND database = current_database() AND wal_status = 'lost';`;
+}
+
+/** Statements in one transaction, as --print writes them. */
+export function transaction(statements: readonly string[]) {
+  return ['BEGIN;', ...statements, 'COMMIT;'].join('\n');
 }
 
 /**
@@ -427,7 +793,7 @@ export const DDL_LOCK_ATTEMPT_TIMEOUT_MS = 1_000;
 const DDL_RETRY_PAUSE_LIMIT_MS = 10_000;
 const LOCK_NOT_AVAILABLE = '55P03';
 
-interface Patience {
+export interface Patience {
   watch: BlockerWatch;
   log: Logger;
   /** INSTALL_LOCK_TIMEOUT: how long one DDL transaction, retried, or one build may wait. */
@@ -439,7 +805,7 @@ interface Patience {
  * gives up rolls back whole and is tried again after a growing, jittered pause, holding no lock
  * meanwhile, until INSTALL_LOCK_TIMEOUT is spent (the sweep's partition DDL works the same way).
  */
-async function inShortLockTransactions(
+export async function inShortLockTransactions(
   client: pg.Client,
   file: string,
   { watch, log, budgetMs }: Patience,
@@ -479,7 +845,7 @@ async function inShortLockTransactions(
       file,
       outcome.gaveUp.waitedMs,
       watch.blockersSince(attemptStarted),
-      false,
+      'That step was rolled back whole.',
     );
   }
 }
@@ -494,20 +860,41 @@ async function buildConcurrently(
   file: string,
   statementSql: string,
   index: NonNullable<InstallStatement['index']>,
-  { watch, log }: Patience,
+  patience: Patience,
+) {
+  await dropInvalidIndex(client, index, patience.log);
+  patience.log.info('install.building_index', `building ${index.name} concurrently`, {
+    file,
+    index: `${index.schema}.${index.name}`,
+  });
+  await waitInOneGo(
+    client,
+    file,
+    statementSql,
+    patience,
+    'The index it was building is left invalid; the next install drops it and builds it again.',
+  );
+}
+
+/**
+ * Runs a statement that blocks no writer while it waits (a concurrent index build or drop, a
+ * slot's creation waiting for the transactions in progress) in one go, under the session's
+ * lock_timeout. `leftBehind` says what a give-up leaves, in the error.
+ */
+export async function waitInOneGo(
+  client: pg.Client,
+  file: string,
+  statementSql: string,
+  { watch }: Patience,
+  leftBehind: string,
 ) {
   const started = performance.now();
   try {
-    await dropInvalidIndex(client, index, log);
-    log.info('install.building_index', `building ${index.name} concurrently`, {
-      file,
-      index: `${index.schema}.${index.name}`,
-    });
     await client.query(statementSql);
   } catch (error) {
     if (serializeError(error).code !== LOCK_NOT_AVAILABLE) throw error;
     const blockers = watch.blockersSince(started);
-    throw new InstallLockTimeoutError(file, performance.now() - started, blockers, true);
+    throw new InstallLockTimeoutError(file, performance.now() - started, blockers, leftBehind);
   }
 }
 
@@ -518,13 +905,12 @@ export class InstallLockTimeoutError extends Error {
     readonly file: string,
     waitedMs: number,
     readonly blockers: readonly Blocker[],
-    concurrentBuild: boolean,
+    /** What the give-up leaves behind, a sentence. */
+    leftBehind: string,
   ) {
     super(
       `install gave up on ${file} after waiting ${formatSeconds(waitedMs)} for locks, ${describeBlockers(blockers)}. ` +
-        (concurrentBuild
-          ? 'The index it was building is left invalid; the next install drops it and builds it again. '
-          : 'That step was rolled back whole. ') +
+        `${leftBehind} ` +
         'Run install again once the transactions in its way have ended; INSTALL_LOCK_TIMEOUT sets how long install waits.',
     );
   }
@@ -544,7 +930,7 @@ export interface Blocker {
   waitEventType: string | null;
 }
 
-interface BlockerWatch {
+export interface BlockerWatch {
   /** The step being applied, named in install.waiting. */
   file: string | null;
   /** The blockers found by the latest reading since `since` (performance.now()) that found any. */
@@ -724,7 +1110,7 @@ async function objectsMissing(client: pg.Client, step: InstallStep): Promise<boo
   return result.rows[0]?.missing === true;
 }
 
-async function recordedVersions(client: pg.Client): Promise<Map<number, string>> {
+export async function recordedVersions(client: pg.Client): Promise<Map<number, string>> {
   const exists = await client.query<{ present: boolean }>(
     `SELECT to_regclass('token_reaper.schema_version') IS NOT NULL AS present`,
   );

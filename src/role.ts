@@ -16,15 +16,19 @@
 //   PARTITION OF. PostgreSQL lets only the owner do those, and has no finer privilege for
 //   them (not even MAINTAIN, in 17). So the role becomes a member of the table's owner, and
 //   with that holds every right the owner holds. That is refused when the owner is a
-//   superuser (or a member of one): the role could then SET ROLE to a superuser.
+//   superuser (or a member of one): the role could then SET ROLE to a superuser;
+// - per PURGE_SOURCE: notify's LISTEN needs nothing (the trigger runs as the auth service's
+//   writer, and its function needs no grant); poll's query is the catch-up's, covered above;
+//   wal streams from the slot install made, and START_REPLICATION, on a replication
+//   connection, needs the REPLICATION attribute, which no GRANT can give.
 //
 // The role is created NOLOGIN when it is missing; an existing role keeps its attributes and
-// only gains grants. Roles and grants belong to the deployment, not to token-reaper's schema,
-// so none of this is recorded in token_reaper.schema_version. Every statement is idempotent,
-// and they run in one transaction under install's advisory lock.
+// only gains grants (and under wal, REPLICATION). Roles and grants belong to the deployment,
+// not to token-reaper's schema, so none of this is recorded in token_reaper.schema_version.
+// Every statement is idempotent, and they run in one transaction under install's advisory lock.
 import type pg from 'pg';
 import { escapeIdentifier, escapeLiteral } from 'pg';
-import { IDENTIFIER, MAXIMUM_IDENTIFIER_BYTES } from './config.js';
+import { IDENTIFIER, MAXIMUM_IDENTIFIER_BYTES, type PurgeSourceName } from './config.js';
 import { ConfigurationError } from './errors.js';
 import { acquireInstallLock, INSTALL_LOCK } from './install.js';
 import type { Logger } from './logger.js';
@@ -169,6 +173,7 @@ export function buildRolePlan(
   shapes: readonly TableShape[],
   databaseName: string,
   facts: RoleFacts,
+  source: PurgeSourceName = 'notify',
 ): RolePlan {
   const role = escapeIdentifier(roleName);
   const problems: string[] = [];
@@ -277,6 +282,10 @@ export function buildRolePlan(
   }
   if (problems.length > 0) throw new ConfigurationError(problems);
 
+  if (source === 'wal' && shapes.some((shape) => shape.notify && shape.marker !== null)) {
+    statements.push(replicationStatement(roleName));
+  }
+
   if (revocations) {
     statements.push({
       comment:
@@ -305,9 +314,23 @@ export async function planRole(
   client: Pick<pg.ClientBase, 'query'>,
   roleName: string,
   shapes: readonly TableShape[],
+  source: PurgeSourceName = 'notify',
 ): Promise<RolePlan> {
   const { databaseName, facts } = await describeRoleFacts(client, roleName, shapes);
-  return buildRolePlan(roleName, shapes, databaseName, facts);
+  return buildRolePlan(roleName, shapes, databaseName, facts, source);
+}
+
+/**
+ * PURGE_SOURCE=wal: the daemon streams the token tables' changes from the slot install made,
+ * with START_REPLICATION on a replication connection, and PostgreSQL lets only a role with the
+ * REPLICATION attribute open one; no GRANT gives it. Install makes the slot, so the role needs
+ * it only to read (and to make the slot again, should the server give it up).
+ */
+function replicationStatement(roleName: string): RoleStatement {
+  return {
+    comment: `PURGE_SOURCE=wal: REPLICATION, to stream the token tables' changes from the slot install made (START_REPLICATION needs it; no GRANT can give it). A REPLICATION role may also read every change any slot decodes, and take a base backup of the whole server where pg_hba.conf lets it make a physical replication connection (a "replication" line): give ${roleName} no such line. On RDS run "GRANT rds_replication TO ${escapeIdentifier(roleName)};" instead.`,
+    sql: `ALTER ROLE ${escapeIdentifier(roleName)} REPLICATION;`,
+  };
 }
 
 /** The plan as one SQL script, in the style of formatInstallPlan. */

@@ -22,7 +22,8 @@ describe('the command line', () => {
     expect(result.code).to.equal(0);
     expect(result.stdout)
       .to.include('Usage: token-reaper <command>')
-      .and.include('sweep [--dry-run]');
+      .and.include('sweep [--dry-run]')
+      .and.include('uninstall [--print]');
   });
 
   it('prints its version for --version and exits 0', async () => {
@@ -39,7 +40,7 @@ describe('the command line', () => {
           args: ['reap'],
           env: { DATABASE_URL: unreachable },
           message:
-            /unknown command "reap"\. Use start, sweep, install, explain or partition convert/,
+            /unknown command "reap"\. Use start, sweep, install, uninstall, explain or partition convert/,
         },
         {
           name: 'an unknown flag',
@@ -52,6 +53,12 @@ describe('the command line', () => {
           args: ['start', '--print'],
           env: { DATABASE_URL: unreachable },
           message: /Unknown option '--print' for start\. It takes --config;/,
+        },
+        {
+          name: 'a flag uninstall does not take',
+          args: ['uninstall', '--role', 'x'],
+          env: { DATABASE_URL: unreachable },
+          message: /Unknown option '--role' for uninstall\. It takes --config, --print/,
         },
         {
           name: 'a bad cron expression',
