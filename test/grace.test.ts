@@ -1,20 +1,30 @@
-// REFRESH_TOKEN_REVOKED_GRACE: a revoked token is kept for the grace, by the purge and the
-// sweep alike, also across a restart of the daemon, and goes once the grace has passed.
+// REFRESH_TOKEN_REVOKED_GRACE: a revoked token is kept for the grace, by the purge (under
+// every PURGE_SOURCE) and the sweep alike, also across a restart of the daemon, and goes once
+// the grace has passed.
 import { expect } from 'chai';
 import { runCli, spawnDaemon, waitFor, type ProcessHandle } from './support/cli.js';
-import { useTestDatabase } from './support/database.js';
+import { useLogicalServer, useTestDatabase } from './support/database.js';
 import { createReferenceSchema } from './support/fixtures.js';
 
 const GRACE_SECONDS = 6;
 
+const SOURCES = ['notify', 'wal', 'poll'] as const;
+
 describe('the grace for revoked tokens', () => {
-  for (const shape of ['boolean', 'timestamp'] as const) {
-    describe(`with a ${shape} revoked column`, () => {
-      const database = useTestDatabase(`grace_${shape}`);
+  const logicalServer = useLogicalServer();
+  for (const [shape, source] of SOURCES.flatMap((each) =>
+    (['boolean', 'timestamp'] as const).map((kind) => [kind, each] as const),
+  )) {
+    describe(`with a ${shape} revoked column, PURGE_SOURCE=${source}`, () => {
+      const database = useTestDatabase(`grace_${shape}_${source}`, {
+        ...(source === 'wal' ? { server: logicalServer } : {}),
+      });
       const environment = () => ({
         DATABASE_URL: database.url,
         PASSWORD_RESETS_TABLE: 'none',
         REFRESH_TOKEN_REVOKED_GRACE: `${GRACE_SECONDS}s`,
+        PURGE_SOURCE: source,
+        PURGE_WAL_SLOT: database.name,
       });
       const revokeSql =
         shape === 'boolean'
@@ -38,7 +48,7 @@ describe('the grace for revoked tokens', () => {
       async function start(): Promise<ProcessHandle> {
         const daemon = spawnDaemon(['start'], environment());
         await daemon.waitForLog('daemon.started');
-        await daemon.waitForLog('listener.caught_up');
+        await daemon.waitForLog(source === 'wal' ? 'wal.connected' : 'listener.caught_up');
         return daemon;
       }
 
@@ -63,8 +73,9 @@ describe('the grace for revoked tokens', () => {
           [id],
         );
         const revokedAt = new Date(revoked!.at as string).getTime();
-        if (shape === 'boolean') {
-          // The NOTIFY records the revocation's time instead of deleting.
+        if (shape === 'boolean' && source !== 'poll') {
+          // The NOTIFY (or the decoded change) records the revocation's time instead of
+          // deleting; a poll records it in its catch-up.
           const recorded = await daemon.waitForLog('purge.recorded');
           expect(recorded).to.include({ ids: 1, recorded: 1, graceSeconds: GRACE_SECONDS });
         }
@@ -90,6 +101,9 @@ describe('the grace for revoked tokens', () => {
           GRACE_SECONDS * 1000,
         );
         await stop(daemon);
+        // The slot would keep the database from being dropped.
+        const uninstall = await runCli(['uninstall'], environment());
+        expect(uninstall.code, uninstall.stderr + uninstall.stdout).to.equal(0);
       });
     });
   }

@@ -1,13 +1,14 @@
-// The prompt purge on the systems' real schemas, wherever the system revokes with an UPDATE:
-// `install --config` puts the trigger on each preset table, a running daemon hears the
+// The prompt purge on the systems' real schemas, wherever the system revokes with an UPDATE,
+// under each PURGE_SOURCE: `install --config` puts the trigger (notify) or the publication and
+// slot (wal) on each preset table, or nothing (poll); a running daemon learns of the
 // revocations the system's own UPDATE makes, and deletes exactly those rows, re-checked, while
-// every row not revoked stays. Ids of every type the presets have go through the payload:
-// Passport's char(80), Doorkeeper's and DOT's bigint, and a bigint past 2^53.
+// every row not revoked stays. Ids of every type the presets have go through the payload and
+// the decoded change: Passport's char(80), Doorkeeper's and DOT's bigint, and a bigint past 2^53.
 import { expect } from 'chai';
 import pg from 'pg';
 import { openAuthDatabase, rowKeys, type Fill } from './support/auth-schemas.js';
 import { runCli, spawnDaemon, waitFor } from './support/cli.js';
-import { useTestDatabase } from './support/database.js';
+import { useLogicalServer, useTestDatabase } from './support/database.js';
 import { writeTargetsFile } from './support/targets.js';
 
 interface PurgeCase {
@@ -125,9 +126,33 @@ const CASES: PurgeCase[] = [
   },
 ];
 
-for (const testCase of CASES) {
-  describe(`the prompt purge on ${testCase.name}`, () => {
-    const database = useTestDatabase(`purge ${testCase.name}`);
+const SOURCES = ['notify', 'wal', 'poll'] as const;
+
+/** The log lines that follow a daemon's start once a revocation can only go by the prompt path. */
+const READY_EVENT = {
+  notify: 'listener.caught_up',
+  wal: 'wal.connected',
+  poll: 'listener.caught_up',
+};
+
+describe('the prompt purge on the systems’ schemas', function () {
+  this.timeout(120_000);
+  const logicalServer = useLogicalServer();
+
+  for (const source of SOURCES) {
+    for (const testCase of CASES) describePresetPurge(testCase, source, logicalServer);
+  }
+});
+
+function describePresetPurge(
+  testCase: PurgeCase,
+  source: (typeof SOURCES)[number],
+  logicalServer: () => string,
+) {
+  describe(`${testCase.name}, PURGE_SOURCE=${source}`, () => {
+    const database = useTestDatabase(`purge ${source} ${testCase.name}`, {
+      ...(source === 'wal' ? { server: logicalServer } : {}),
+    });
     let client: pg.Client;
 
     before(async () => {
@@ -145,21 +170,26 @@ for (const testCase of CASES) {
         DATABASE_URL: database.url,
         NAIVE_TIMESTAMPS_TIMEZONE: 'UTC',
         NODE_ENV: 'test',
+        PURGE_SOURCE: source,
+        // Slots are the server's, not the database's: one of its own for each database.
+        PURGE_WAL_SLOT: database.name,
+        PURGE_POLL_INTERVAL_MS: '50',
       };
       try {
         const install = await runCli(['install', '--config', file.path], environment);
         expect(install.code, install.stderr + install.stdout).to.equal(0);
         const running = spawnDaemon(['start', '--config', file.path], environment);
         try {
-          // Every table's first catch-up over: a row revoked while its table's runs may go by
-          // either path.
+          // Every table's first catch-up over (wal has none: the slot starts at install): a
+          // row revoked while its table's runs may go by either path.
           const started = await running.waitForLog('daemon.started');
           const prompt = (started.targets as { notify: boolean }[]).filter((t) => t.notify);
+          const ready = READY_EVENT[source];
           await waitFor(
             () =>
-              running.logs.filter((line) => line.event === 'listener.caught_up').length >=
-              prompt.length,
-            { message: 'the first catch-up of every table' },
+              running.logs.filter((line) => line.event === ready).length >=
+              (source === 'wal' ? 1 : prompt.length),
+            { message: `${ready} for every table` },
           );
           const since = running.logs.length;
           const tables = testCase.revoke.map((revocation) => revocation.table);
@@ -188,12 +218,14 @@ for (const testCase of CASES) {
             );
           }
           // A row is gone when its DELETE commits; its log line may still be on the way. Each
-          // went by the prompt path, or by a catch-up that retried a batch (one that met a lock
-          // or failed).
+          // went by the prompt path (a poll, for poll), or by a catch-up that retried a batch
+          // (one that met a lock or failed).
           const purged = () =>
             running.logs
               .slice(since)
-              .filter((line) => ['purge.batch', 'listener.caught_up'].includes(line.event))
+              .filter((line) =>
+                ['purge.batch', 'listener.caught_up', 'purge.polled'].includes(line.event),
+              )
               .reduce((sum, line) => sum + (line.deleted as number), 0);
           const expected = [...revoked.values()].flat().length;
           await waitFor(() => purged() >= expected, {
@@ -207,6 +239,9 @@ for (const testCase of CASES) {
           ).to.deep.equal([]);
           running.signal('SIGTERM');
           expect((await running.exited).code, running.describeOutput()).to.equal(0);
+          // uninstall drops the slot, which would otherwise keep the database from being dropped.
+          const uninstall = await runCli(['uninstall', '--config', file.path], environment);
+          expect(uninstall.code, uninstall.stderr + uninstall.stdout).to.equal(0);
         } finally {
           await running.kill();
         }

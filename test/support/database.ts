@@ -106,10 +106,15 @@ export function uniqueDatabaseName(label: string): string {
   return safeLabel === '' ? `${prefix}${suffix}` : `${prefix}${safeLabel}_${suffix}`;
 }
 
-export async function createTestDatabase(label: string): Promise<TestDatabase> {
-  const server = serverUrl();
+export async function createTestDatabase(
+  label: string,
+  server: string = serverUrl(),
+): Promise<TestDatabase> {
   const name = uniqueDatabaseName(label);
-  await withServerClient((client) => client.query(`CREATE DATABASE ${pg.escapeIdentifier(name)}`));
+  await withServerClient(
+    (client) => client.query(`CREATE DATABASE ${pg.escapeIdentifier(name)}`),
+    server,
+  );
 
   const url = databaseUrl(name, server);
   const pool = new pg.Pool({ connectionString: url, max: TEST_DATABASE_POOL_SIZE });
@@ -155,12 +160,18 @@ export type TestDatabaseHandle = Pick<TestDatabase, 'name' | 'url' | 'pool' | 'q
  * an `after` hook, unless a test or hook in the block failed. Call it before the block's own
  * hooks so that they can use the database.
  */
-export function useTestDatabase(label: string): TestDatabaseHandle {
+export function useTestDatabase(
+  label: string,
+  options: {
+    /** The server's superuser URL, read in the `before` hook; default the run's server. */
+    server?: () => string;
+  } = {},
+): TestDatabaseHandle {
   let database: TestDatabase | undefined;
   let sawFailure = false;
 
   before(`create test database "${label}"`, async function () {
-    database = await createTestDatabase(label);
+    database = await createTestDatabase(label, options.server?.());
   });
 
   afterEach(function () {
@@ -230,6 +241,28 @@ function suiteHasFailure(suite: Mocha.Suite | undefined): boolean {
     hooks.some((hook) => hook.state === 'failed') ||
     suite.suites.some(suiteHasFailure)
   );
+}
+
+/**
+ * Call inside a `describe`: a server of the block's own with wal_level=logical and a bound on
+ * the WAL a slot may keep, for PURGE_SOURCE=wal, whatever server the run uses (the local one
+ * may have wal_level=replica). Returns its superuser URL once the `before` hook has run.
+ */
+export function useLogicalServer(): () => string {
+  let server: OwnedServer | undefined;
+  before('start a server with wal_level=logical', async function () {
+    this.timeout(120_000);
+    server = await startOwnedServer({
+      settings: ['wal_level=logical', 'max_slot_wal_keep_size=256MB'],
+    });
+  });
+  after('stop the wal_level=logical server', async () => {
+    await server?.dispose();
+  });
+  return () => {
+    if (server === undefined) throw new Error('the logical server is not started yet');
+    return server.url;
+  };
 }
 
 /** A PostgreSQL server that one test owns, so it may stop and start it. */
