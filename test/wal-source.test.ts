@@ -274,7 +274,10 @@ describe('PURGE_SOURCE=wal', function () {
       expect(await database.remaining(live)).to.equal(live.length);
       await loggedPurges(second, revoked.length);
       expect(purged(second)).to.equal(revoked.length);
-      expect(second.logs.filter((line) => line.event === 'listener.caught_up')).to.deep.equal([]);
+      // The slot held them all: the catch-up every start runs, once the stream has settled
+      // past the WAL's end at the start, finds nothing left.
+      const caughtUp = await second.waitForLog('listener.caught_up');
+      expect(caughtUp).to.include({ reason: 'connected', deleted: 0 });
       await stopDaemon(second);
     } finally {
       await database.end();
@@ -355,6 +358,56 @@ describe('PURGE_SOURCE=wal', function () {
       expect(purged(second)).to.equal(10);
       await stopDaemon(second);
     } finally {
+      await database.end();
+    }
+  });
+
+  it('keeps one stream open for as long as it runs, past any query timeout', async () => {
+    const database = await walDatabase(server);
+    try {
+      const daemon = await startWalDaemon(database);
+      // Eight seconds of revocations, one a second: each goes, on the same stream.
+      const until = performance.now() + 8_000;
+      while (performance.now() < until) {
+        const [token] = await database.tokens(1);
+        await revoke(database, [token!]);
+        await allGone(database, [token!]);
+        await delay(1_000);
+      }
+      expect(daemon.logs.filter((line) => line.event === 'wal.connected')).to.have.length(1);
+      expect(
+        daemon.logs.filter((line) => line.event.startsWith('wal.') && line.level !== 'info'),
+      ).to.deep.equal([]);
+      await stopDaemon(daemon);
+    } finally {
+      await database.end();
+    }
+  });
+
+  it('makes a missing slot however long a transaction delays it, then catches up what came before', async () => {
+    const database = await walDatabase(server);
+    const holder = new pg.Client({ connectionString: database.url });
+    await holder.connect();
+    try {
+      await database.query('SELECT pg_drop_replication_slot($1)', [database.slot]);
+      const [before] = await database.tokens(1);
+      await revoke(database, [before!]);
+      // A transaction with an xid: making a slot waits for it to end.
+      await holder.query('BEGIN');
+      await holder.query('SELECT txid_current()');
+      const daemon = spawnDaemon(['start'], database.environment);
+      await daemon.waitForLog('wal.slot_created');
+      // Longer than any client-side query timeout, while the slot waits.
+      await delay(7_000);
+      expect(daemon.child.exitCode).to.equal(null);
+      await holder.query('COMMIT');
+      await daemon.waitForLog('wal.connected', 30_000);
+      await allGone(database, [before!]);
+      const caughtUp = await daemon.waitForLog('listener.caught_up');
+      expect(caughtUp).to.include({ reason: 'slot_created', deleted: 1 });
+      await stopDaemon(daemon);
+    } finally {
+      await holder.end();
       await database.end();
     }
   });

@@ -75,10 +75,11 @@ export interface Purger {
   receive(payload: PayloadFields): string | null;
   /**
    * Resolves once every revocation received before the call is settled: deleted (or found
-   * kept) by a committed DELETE, or recorded; when a batch failed or left locked rows, once a
-   * later catch-up has deleted them. `wal` acknowledges a position only after this, so a
-   * crash never loses a revocation the slot has already let go of. Resolves false instead
-   * when the purger stops first: those revocations were not handled.
+   * kept) by a committed DELETE, recorded, or handed to a catch-up (a batch that failed or
+   * met locked rows, a full queue). `wal` acknowledges a position only after this: what a
+   * crash could still lose is only what was handed to a catch-up, and every start of `wal`
+   * runs one. Resolves false instead when the purger stops first: those revocations were not
+   * handled.
    */
   settled(): Promise<boolean>;
   /** Deletes every revoked row now in the table; resolves with the count once it has. */
@@ -134,12 +135,6 @@ export function createPurger({
   let received = 0;
   /** The lowest receive() number in the batch being deleted, or null. */
   let inFlightFrom: number | null = null;
-  /**
-   * Set when revocations were handed to a catch-up (a failed batch, locked rows, a full
-   * queue): the receive() number by then. A catch-up that starts later and leaves nothing
-   * behind clears it.
-   */
-  let owedToCatchUp: number | null = null;
   const settledWaiters: { upTo: number; resolve: (settled: boolean) => void }[] = [];
   let queueFull = false;
   /** A catch-up asked for and not yet started, with whoever waits for it. */
@@ -250,10 +245,7 @@ export function createPurger({
     try {
       const skipped = await (recording ? recordBatch(batch) : deleteBatch(batch));
       failing = false;
-      if (skipped > 0) {
-        owedToCatchUp = received;
-        retryLater('locked_rows');
-      }
+      if (skipped > 0) retryLater('locked_rows');
     } catch (error) {
       if (batch.length > 1 && isValueError(error)) {
         const half = Math.ceil(batch.length / 2);
@@ -262,7 +254,6 @@ export function createPurger({
         return;
       }
       failing = true;
-      owedToCatchUp = received;
       log.warn('purge.failed', 'purge failed; a catch-up will retry', {
         table: tableName,
         ids: batch.length,
@@ -278,9 +269,6 @@ export function createPurger({
     // its own afterwards, which sees the rows this one might have missed.
     catchUp = null;
     queueFull = false;
-    // Every revocation received so far was committed before this catch-up starts, so it
-    // deletes them all: what was owed up to here is paid once it leaves nothing behind.
-    const covers = received;
     const started = performance.now();
     let deleted = 0;
     let skipped = 0;
@@ -330,13 +318,8 @@ export function createPurger({
       emit(false);
       failing = false;
       // Rows another transaction held locked come back after a backoff.
-      if (skipped > 0) {
-        owedToCatchUp = received;
-        retryLater('locked_rows');
-      } else {
-        retryDelayMs = RETRY_DELAY_MS.first;
-        if (owedToCatchUp !== null && owedToCatchUp <= covers) owedToCatchUp = null;
-      }
+      if (skipped > 0) retryLater('locked_rows');
+      else retryDelayMs = RETRY_DELAY_MS.first;
     } catch (error) {
       listenerLog.warn(
         'listener.catch_up_failed',
@@ -351,9 +334,8 @@ export function createPurger({
     releaseSettled();
   };
 
-  /** Resolves the settled() calls whose revocations are all deleted, recorded or paid. */
+  /** Resolves the settled() calls whose revocations have all been through a batch. */
   const releaseSettled = () => {
-    if (owedToCatchUp !== null && !stopped) return;
     const firstQueued = queue.values().next().value?.received ?? Infinity;
     const pendingFrom = Math.min(firstQueued, inFlightFrom ?? Infinity);
     for (let index = settledWaiters.length - 1; index >= 0; index -= 1) {
@@ -449,7 +431,6 @@ export function createPurger({
         // row, so the queue has nothing left to add: deleting it one by one would only
         // produce batches that find nothing.
         queue.clear();
-        owedToCatchUp = received;
         requestCatchUp('queue_full');
         return null;
       }

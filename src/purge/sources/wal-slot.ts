@@ -22,6 +22,8 @@ export interface SlotState {
   readonly activePid: number | null;
   /** WAL the slot keeps from removal: current LSN − restart_lsn. Null when unknown. */
   readonly retainedBytes: number | null;
+  /** Where streaming resumes: the position last acknowledged, or the slot's creation point. */
+  readonly confirmedFlushLsn: string | null;
 }
 
 const MISSING: SlotState = {
@@ -30,17 +32,24 @@ const MISSING: SlotState = {
   active: false,
   activePid: null,
   retainedBytes: null,
+  confirmedFlushLsn: null,
 };
 
 /**
  * A short-lived plain connection to the session URL, closed after `work`: for reading and
  * making the slot, which a replication connection's simple protocol cannot do with parameters.
+ * Its queries time out after 5 s, unless `patient`: making a slot waits for every transaction
+ * in progress to end, however long that takes.
  */
 export async function withSlotClient<T>(
   config: ConnectionSettings,
   work: (client: ClientBase) => Promise<T>,
+  { patient = false }: { patient?: boolean } = {},
 ): Promise<T> {
-  const client = new pg.Client(listenerConnectionConfig(config));
+  const client = new pg.Client({
+    ...listenerConnectionConfig(config),
+    ...(patient ? { query_timeout: 0 } : {}),
+  });
   client.on('error', () => undefined);
   try {
     await client.connect();
@@ -64,9 +73,11 @@ export async function readSlotState(client: ClientBase, slot: string): Promise<S
     active: boolean;
     active_pid: number | null;
     retained: string | null;
+    confirmed: string | null;
   }>(
     `SELECT coalesce(wal_status = 'lost', false) AS lost, active, active_pid,
-            pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint::text AS retained
+            pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint::text AS retained,
+            confirmed_flush_lsn::text AS confirmed
      FROM pg_replication_slots WHERE slot_name = $1`,
     [slot],
   );
@@ -78,6 +89,7 @@ export async function readSlotState(client: ClientBase, slot: string): Promise<S
     active: row.active,
     activePid: row.active_pid,
     retainedBytes: row.retained === null ? null : Number(row.retained),
+    confirmedFlushLsn: row.confirmed,
   };
 }
 
@@ -122,13 +134,12 @@ export async function checkWalPrerequisites(client: ClientBase): Promise<string[
 }
 
 /** Creates the slot; one that exists already (another daemon's, a second install) is kept. */
-export async function createSlot(client: ClientBase, slot: string): Promise<boolean> {
+export async function createSlot(client: ClientBase, slot: string): Promise<void> {
   try {
-    await client.query(`SELECT pg_create_logical_replication_slot($1, $2)`, [slot, OUTPUT_PLUGIN]);
-    return true;
+    await client.query(createSlotSql(slot));
   } catch (error) {
-    if ((error as { code?: string }).code === '42710') return false;
-    throw error;
+    // Made by another daemon between the check and the creation.
+    if ((error as { code?: string }).code !== '42710') throw error;
   }
 }
 
@@ -137,18 +148,44 @@ export async function createSlot(client: ClientBase, slot: string): Promise<bool
  * server (55006). Slots belong to the whole server: another database's slot of the same name
  * is not token-reaper's to drop.
  */
-export async function dropSlot(client: ClientBase, slot: string): Promise<boolean> {
+export async function dropSlot(
+  client: ClientBase,
+  slot: string,
+  { onlyLost = false }: { onlyLost?: boolean } = {},
+): Promise<boolean> {
+  // onlyLost: two daemons that both found the slot lost must not drop the one the other
+  // has just made again.
   const { rows } = await client.query<{ dropped: boolean }>(
     `SELECT count(pg_drop_replication_slot(slot_name)) > 0 AS dropped
-     FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`,
-    [slot],
+     FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()
+       AND (NOT $2 OR (wal_status = 'lost' AND NOT active))`,
+    [slot, onlyLost],
   );
   return rows[0]?.dropped ?? false;
 }
 
-/** SQL that makes the slot, for `install --print`. */
+/**
+ * SQL that makes the slot unless it exists: what install and the daemon run, and what
+ * `install --print` shows. On PostgreSQL 17 and later it is a failover slot, which standbys
+ * with sync_replication_slots = on keep a copy of, so that a promoted standby has it. A DO
+ * block, because the five-argument function does not exist before 17; it writes nothing, so
+ * the slot can still be made in its transaction.
+ */
 export function createSlotSql(slot: string): string {
-  return `SELECT pg_create_logical_replication_slot(${escapeLiteral(slot)}, '${OUTPUT_PLUGIN}') WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(slot)});`;
+  const name = escapeLiteral(slot);
+  return [
+    'DO $token_reaper$',
+    'BEGIN',
+    `  IF NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = ${name}) THEN`,
+    `    IF current_setting('server_version_num')::int >= 170000 THEN`,
+    `      PERFORM pg_create_logical_replication_slot(${name}, '${OUTPUT_PLUGIN}', false, false, true);`,
+    '    ELSE',
+    `      PERFORM pg_create_logical_replication_slot(${name}, '${OUTPUT_PLUGIN}');`,
+    '    END IF;',
+    '  END IF;',
+    'END',
+    '$token_reaper$;',
+  ].join('\n');
 }
 
 export function dropSlotSql(slot: string): string {

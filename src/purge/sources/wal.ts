@@ -28,7 +28,7 @@ import { reconnectDelay } from '../../listener.js';
 import { serializeError, type Logger } from '../../logger.js';
 import { jittered } from '../../retry.js';
 import { recordsRevocationTimes, type TableShape } from '../../schema.js';
-import type { Purger } from '../purger.js';
+import type { CatchUpReason, Purger } from '../purger.js';
 import type { PurgeSource } from './source.js';
 import {
   checkWalPrerequisites,
@@ -73,10 +73,14 @@ export function isRevocationChange(
   return row[marker.column] === marker.dead;
 }
 
-/** Compares two LSNs, "16/B374D848" and the like. */
-function lsnValue(lsn: string): bigint {
+/** An LSN, "16/B374D848", as a number. */
+function parseLsn(lsn: string): bigint {
   const [high, low] = lsn.split('/');
   return (BigInt(`0x${high}`) << 32n) | BigInt(`0x${low}`);
+}
+
+function formatLsn(lsn: bigint): string {
+  return `${(lsn >> 32n).toString(16).toUpperCase()}/${(lsn & 0xffffffffn).toString(16).toUpperCase()}`;
 }
 
 export function createWalSource({
@@ -104,24 +108,39 @@ export function createWalSource({
   let service: LogicalReplicationService | null = null;
   let running: Promise<void> | null = null;
   const stopping = new AbortController();
+  /** False until the first connect: the first one owes a catch-up (see owedCatchUp). */
+  let startedOnce = false;
 
   /**
    * The newest position all of whose revocations have reached the purgers: the end of the
    * last commit decoded, or a keepalive's position between transactions.
    */
-  let decoded: string | null = null;
-  /** The newest position whose revocations are all settled: what the server may forget. */
-  let confirmed: string | null = null;
+  let decoded: bigint | null = null;
+  /**
+   * The newest position whose revocations are all settled: what the server may forget. It
+   * starts at the slot's confirmed_flush_lsn, so that a reply is possible at once.
+   */
+  let confirmed: bigint | null = null;
   /** The transaction being decoded, with its commit time for the latency figure; null between. */
   let transaction: { committedAt: string } | null = null;
   let advancing = false;
+  /**
+   * The catch-up this process owes, once the stream has settled past `after` (the WAL's end
+   * when it was owed): one at every start, as the safety net for what a crash left handed to
+   * a catch-up that never ran, and one after each new slot, for what came before it. By then
+   * the stream has deleted what the slot holds, so the catch-up finds only what it could not.
+   */
+  let owedCatchUp: { reason: CatchUpReason; after: bigint } | null = null;
 
-  const later = (a: string | null, b: string) => (a === null || lsnValue(b) > lsnValue(a) ? b : a);
+  const later = (a: bigint | null, b: bigint) => (a === null || b > a ? b : a);
 
   /** Tells the server the settled position (it must hear from us within wal_sender_timeout). */
   const respond = () => {
     if (service !== null && confirmed !== null && streaming) {
-      void service.acknowledge(confirmed).catch(() => undefined);
+      // The library sends its argument + 1 ("the last byte received, + 1"), but a commit's
+      // end is already one past its last byte: sending end + 1 would tell the server a
+      // transaction whose commit record starts right there was handled, and it would skip it.
+      void service.acknowledge(formatLsn(confirmed - 1n)).catch(() => undefined);
     }
   };
 
@@ -142,6 +161,11 @@ export function createWalSource({
       advancing = false;
     }
     respond();
+    if (owedCatchUp !== null && confirmed !== null && confirmed >= owedCatchUp.after) {
+      const { reason } = owedCatchUp;
+      owedCatchUp = null;
+      for (const purger of purgers) void purger.catchUp(reason);
+    }
   };
 
   const onData = (_lsn: string, message: Pgoutput.Message) => {
@@ -173,7 +197,9 @@ export function createWalSource({
       }
       case 'commit': {
         transaction = null;
-        if (message.commitEndLsn !== null) decoded = later(decoded, message.commitEndLsn);
+        if (message.commitEndLsn !== null) {
+          decoded = later(decoded, parseLsn(message.commitEndLsn));
+        }
         return;
       }
       default:
@@ -185,46 +211,69 @@ export function createWalSource({
   // received and every commit settled, everything before it is handled: the slot can move
   // on past the auth service's other tables' WAL, which it would otherwise keep.
   const onHeartbeat = (lsn: string, shouldRespond: boolean) => {
-    if (transaction === null) decoded = later(decoded, lsn);
+    if (transaction === null) decoded = later(decoded, parseLsn(lsn));
     if (shouldRespond) respond();
   };
 
-  /** Checks the server, and makes the slot when it is missing or lost; returns why a catch-up is due. */
-  const prepareSlot = (): Promise<'slot_created' | null> =>
-    withSlotClient(config, async (client) => {
-      const recovery = await client.query<{ standby: boolean }>(
-        'SELECT pg_is_in_recovery() AS standby',
-      );
-      if (recovery.rows[0]?.standby === true) throw new StandbyError();
-      const problems = await checkWalPrerequisites(client);
-      if (!(await publicationExists(client, slot))) {
-        problems.push(
-          `PURGE_SOURCE=wal needs the publication ${slot}, and the database has none. Run "token-reaper install" with PURGE_SOURCE=wal.`,
+  /**
+   * Checks the server, and makes the slot when it is missing or lost. Returns where the slot
+   * resumes, the WAL's end now, and whether the slot is new.
+   */
+  const prepareSlot = () =>
+    withSlotClient(
+      config,
+      async (client) => {
+        const recovery = await client.query<{ standby: boolean }>(
+          'SELECT pg_is_in_recovery() AS standby',
         );
-      }
-      if (problems.length > 0) throw new ConfigurationError(problems);
-      const state = await readSlotState(client, slot);
-      if (state.exists && state.active) throw new SlotInUseError(state.activePid);
-      if (state.exists && !state.lost) return null;
-      if (state.lost) {
-        // The server gave the slot up (max_slot_wal_keep_size): what it held is gone, and
-        // the slot cannot stream again. A new one, then a catch-up for what was missed.
-        await dropSlot(client, slot);
-        log.warn(
-          'wal.slot_recreated',
-          `the replication slot ${slot} was invalidated (it kept more WAL than max_slot_wal_keep_size); made it again, and a catch-up deletes what it missed`,
-          { slot },
-        );
-      } else {
-        log.warn(
-          'wal.slot_created',
-          `the replication slot ${slot} was missing; made it, and a catch-up deletes what was revoked before it`,
-          { slot },
-        );
-      }
-      await createSlot(client, slot);
-      return 'slot_created';
-    });
+        if (recovery.rows[0]?.standby === true) throw new StandbyError();
+        const problems = await checkWalPrerequisites(client);
+        if (!(await publicationExists(client, slot))) {
+          problems.push(
+            `PURGE_SOURCE=wal needs the publication ${slot}, and the database has none. Run "token-reaper install" with PURGE_SOURCE=wal.`,
+          );
+        }
+        if (problems.length > 0) throw new ConfigurationError(problems);
+        const state = await readSlotState(client, slot);
+        if (state.exists && state.active) throw new SlotInUseError(state.activePid);
+        const walEnd = async () =>
+          parseLsn(
+            (await client.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn'))
+              .rows[0]!.lsn,
+          );
+        if (state.exists && !state.lost) {
+          return {
+            created: false,
+            resumesAt: state.confirmedFlushLsn === null ? null : parseLsn(state.confirmedFlushLsn),
+            walEnd: await walEnd(),
+          };
+        }
+        if (state.lost) {
+          // The server gave the slot up (max_slot_wal_keep_size): what it held is gone, and
+          // the slot cannot stream again. A new one, then a catch-up for what was missed.
+          await dropSlot(client, slot, { onlyLost: true });
+          log.warn(
+            'wal.slot_recreated',
+            `the replication slot ${slot} was invalidated (it kept more WAL than max_slot_wal_keep_size); made it again, and a catch-up deletes what it missed`,
+            { slot },
+          );
+        } else {
+          log.warn(
+            'wal.slot_created',
+            `the replication slot ${slot} was missing; made it, and a catch-up deletes what was revoked before it`,
+            { slot },
+          );
+        }
+        await createSlot(client, slot);
+        const made = await readSlotState(client, slot);
+        return {
+          created: true,
+          resumesAt: made.confirmedFlushLsn === null ? null : parseLsn(made.confirmedFlushLsn),
+          walEnd: await walEnd(),
+        };
+      },
+      { patient: true },
+    );
 
   let lagWarnedAt = -Infinity;
   const checkLag = async () => {
@@ -251,15 +300,28 @@ export function createWalSource({
 
   /** One session: resolves when it is ready to stream, with the stream's end as `ended`. */
   const connect = async (): Promise<{ ended: Promise<void> }> => {
-    const catchUpReason = await prepareSlot();
-    // Nothing from an earlier session is pending any more: its purgers' waits settled or
-    // the stream that fed them is gone. The slot restarts at its confirmed position.
+    const prepared = await prepareSlot();
+    if (stopped) throw new Error('stopped');
+    // The slot resumes at its confirmed position: what this process decoded past it before
+    // comes again. A new slot starts afresh, and positions of the old one mean nothing to it.
     transaction = null;
-    const replication = new LogicalReplicationService(listenerConnectionConfig(config), {
-      // Positions go back only through sendStatus, once settled: never on receipt, and never
-      // by the library's own timer, which would acknowledge what is not yet deleted.
-      acknowledge: { auto: false, timeoutSeconds: 0 },
-    });
+    decoded = null;
+    confirmed = prepared.resumesAt;
+    if (prepared.created) {
+      owedCatchUp = { reason: 'slot_created', after: prepared.walEnd };
+    } else if (!startedOnce) {
+      owedCatchUp ??= { reason: 'connected', after: prepared.walEnd };
+    }
+    startedOnce = true;
+    // No query timeout: START_REPLICATION is one query that lasts as long as the stream.
+    const replication = new LogicalReplicationService(
+      { ...listenerConnectionConfig(config), query_timeout: 0 },
+      {
+        // Positions go back only through respond(), once settled: never on receipt, and
+        // never by the library's own timer, which would acknowledge what is not yet deleted.
+        acknowledge: { auto: false, timeoutSeconds: 0 },
+      },
+    );
     replication.on('data', onData);
     replication.on('heartbeat', (lsn: string, _time: number, shouldRespond: boolean) =>
       onHeartbeat(lsn, shouldRespond),
@@ -279,10 +341,10 @@ export function createWalSource({
       },
     );
     service = replication;
-    await Promise.race([started, ended]);
-    if (catchUpReason !== null) {
-      for (const purger of purgers) void purger.catchUp(catchUpReason);
-    }
+    const first = await Promise.race([started.then(() => 'started'), ended.then(() => 'ended')]);
+    // The library takes a connection that ends before streaming starts for a clean end.
+    if (first === 'ended') throw new Error('the replication stream ended before it started');
+    if (stopped) throw new Error('stopped');
     return { ended: ended.then(() => Promise.reject(new Error('the replication stream ended'))) };
   };
 
@@ -417,6 +479,8 @@ export function createWalSource({
       respond();
       await closeService();
       await running;
+      // A connect that was under way when stop() came has closed by now; this is in case.
+      await closeService();
     },
     get connected() {
       return !stopped && (streaming || standingBy);
