@@ -62,7 +62,7 @@ describe('install under each PURGE_SOURCE', () => {
         `CREATE PUBLICATION "token_reaper" FOR TABLE "public"."refresh_tokens" WITH (publish = 'update, insert', publish_via_partition_root = true);`,
       );
       expect(printed.stdout).to.include(
-        `SELECT pg_create_logical_replication_slot('token_reaper', 'pgoutput')`,
+        `PERFORM pg_create_logical_replication_slot('token_reaper', 'pgoutput')`,
       );
       expect(printed.stdout).to.include(
         'DROP TRIGGER IF EXISTS "token_reaper_notify_revoked" ON "public"."refresh_tokens";',

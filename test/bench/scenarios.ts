@@ -138,6 +138,7 @@ export async function runScenario(
   options: RunOptions,
 ): Promise<ScenarioRun> {
   const template = templates[scenario.template];
+  if (template === null) throw new Error(`the ${scenario.template} template was not built`);
   const database = await server.createDatabase(`${scenario.id}_${options.run}`, template.database);
   try {
     const workload = await connectWorkload({

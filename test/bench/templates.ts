@@ -73,7 +73,8 @@ export interface Template {
 
 export interface Templates {
   readonly plain: Template;
-  readonly partitioned: Template;
+  /** null when no selected part needs it (only (d) does). */
+  readonly partitioned: Template | null;
   /** Token hashes of live rows, the same in both templates. */
   readonly lookupHashes: readonly string[];
   /** Whether the pg_walinspect extension could be created (it is in both templates). */
@@ -85,6 +86,7 @@ export async function buildTemplates(
   rows: number,
   revokedUnexpiredShare: number,
   progress: (message: string) => void,
+  withPartitioned = true,
 ): Promise<Templates> {
   const fractions = rowMix(revokedUnexpiredShare);
   progress(`building the plain template: ${rows.toLocaleString('en-US')} rows`);
@@ -117,15 +119,18 @@ export async function buildTemplates(
   ).map((row) => row.token_hash);
   const plain = await describeTemplate('plain', plainDatabase, PLAIN_TABLE);
 
-  progress('building the partitioned template: the same rows, one partition per day');
-  const partitionedDatabase = await server.createDatabase('template_partitioned', plainDatabase);
-  await buildPartitionedTable(partitionedDatabase);
-  await install(partitionedDatabase, PARTITIONED_TABLE);
-  await partitionedDatabase.query(`VACUUM (FREEZE, ANALYZE) ${PARTITIONED_TABLE}`);
-  const partitioned = await describeTemplate('partitioned', partitionedDatabase, PARTITIONED_TABLE);
+  let partitioned: Template | null = null;
+  if (withPartitioned) {
+    progress('building the partitioned template: the same rows, one partition per day');
+    const partitionedDatabase = await server.createDatabase('template_partitioned', plainDatabase);
+    await buildPartitionedTable(partitionedDatabase);
+    await install(partitionedDatabase, PARTITIONED_TABLE);
+    await partitionedDatabase.query(`VACUUM (FREEZE, ANALYZE) ${PARTITIONED_TABLE}`);
+    partitioned = await describeTemplate('partitioned', partitionedDatabase, PARTITIONED_TABLE);
+    await server.freezeTemplate(partitionedDatabase);
+  }
 
   await server.freezeTemplate(plainDatabase);
-  await server.freezeTemplate(partitionedDatabase);
   return { plain, partitioned, lookupHashes, walInspect };
 }
 

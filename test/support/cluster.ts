@@ -74,6 +74,7 @@ function makeCluster(
   bin: string,
   dataDirectory: string,
   port: number,
+  settings: readonly string[] = [],
 ): Cluster & { start(): Promise<unknown> } {
   const pgCtl = (...args: string[]) => runBinary(bin, 'pg_ctl', ['-D', dataDirectory, ...args]);
   let disposed = false;
@@ -85,7 +86,10 @@ function makeCluster(
     start: () =>
       pgCtl(
         '-o',
-        `-p ${port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=${dataDirectory} -c fsync=off`,
+        [
+          `-p ${port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=${dataDirectory} -c fsync=off`,
+          ...settings.map((setting) => `-c ${setting}`),
+        ].join(' '),
         '-l',
         join(dataDirectory, 'server.log'),
         '-w',
@@ -132,13 +136,18 @@ function makeCluster(
   return cluster;
 }
 
-/** A new primary, started; null when the machine has no server binaries. */
-export async function createCluster(): Promise<Cluster | null> {
+/**
+ * A new primary, started, with `settings` (`name=value`) on its command line; null when the
+ * machine has no server binaries.
+ */
+export async function createCluster(
+  options: { settings?: readonly string[] } = {},
+): Promise<Cluster | null> {
   const bin = await serverBinaries();
   if (bin === null) return null;
   const dataDirectory = await ownedDirectory('token-reaper-cluster-');
   await runBinary(bin, 'initdb', ['-D', dataDirectory, '-U', 'postgres', '--auth=trust', '-N']);
-  const cluster = makeCluster(bin, dataDirectory, await findFreePort());
+  const cluster = makeCluster(bin, dataDirectory, await findFreePort(), options.settings);
   await cluster.start();
   return cluster;
 }

@@ -13,6 +13,7 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { redactUrl } from '../../src/redact.js';
 
+import { createCluster } from './cluster.js';
 import { startEmbeddedServer } from './embedded-server.js';
 
 /** The variable global.ts sets for the test files, which run in the same process. */
@@ -243,18 +244,42 @@ function suiteHasFailure(suite: Mocha.Suite | undefined): boolean {
   );
 }
 
+/** A server with wal_level=logical, for PURGE_SOURCE=wal; see startLogicalServer. */
+export interface LogicalServer {
+  readonly url: string;
+  /** Where it comes from, for the test log. */
+  readonly source: string;
+  dispose(): Promise<void>;
+}
+
 /**
- * Call inside a `describe`: a server of the block's own with wal_level=logical and a bound on
- * the WAL a slot may keep, for PURGE_SOURCE=wal, whatever server the run uses (the local one
- * may have wal_level=replica). Returns its superuser URL once the `before` hook has run.
+ * A server of the caller's own with wal_level=logical and `max_slot_wal_keep_size` bound,
+ * for PURGE_SOURCE=wal, whatever server the run uses (the local one may have
+ * wal_level=replica, which the tests must not change). A run on TEST_DATABASE_URL (the second
+ * major version) gets a throwaway cluster of the machine's own server binaries, so that `wal`
+ * is tested on that version too; a run without, or a machine without them, the embedded one.
+ */
+export async function startLogicalServer(settings: readonly string[] = []): Promise<LogicalServer> {
+  const all = ['wal_level=logical', 'max_slot_wal_keep_size=256MB', ...settings];
+  if (process.env['TEST_DATABASE_URL'] !== undefined) {
+    const cluster = await createCluster({ settings: all });
+    if (cluster !== null) {
+      return { url: cluster.url, source: 'a throwaway cluster', dispose: () => cluster.dispose() };
+    }
+  }
+  const owned = await startOwnedServer({ settings: all });
+  return { url: owned.url, source: 'an embedded server', dispose: () => owned.dispose() };
+}
+
+/**
+ * Call inside a `describe`: a logical server for the block (startLogicalServer). Returns its
+ * superuser URL once the `before` hook has run.
  */
 export function useLogicalServer(): () => string {
-  let server: OwnedServer | undefined;
+  let server: LogicalServer | undefined;
   before('start a server with wal_level=logical', async function () {
     this.timeout(120_000);
-    server = await startOwnedServer({
-      settings: ['wal_level=logical', 'max_slot_wal_keep_size=256MB'],
-    });
+    server = await startLogicalServer();
   });
   after('stop the wal_level=logical server', async () => {
     await server?.dispose();
