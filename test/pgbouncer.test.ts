@@ -88,6 +88,30 @@ describe('behind PgBouncer in transaction mode', function () {
     }
   }
 
+  /** Revokes 20 new tokens and waits until the daemon has deleted them. */
+  async function revokeTwentyAndWait() {
+    const ids = (
+      await database.query<{ id: string }>(
+        `INSERT INTO refresh_tokens (user_id, token_hash, expires_at)
+         SELECT gen_random_uuid(), md5(random()::text || i), now() + interval '1 day'
+         FROM generate_series(1, 20) i RETURNING id::text`,
+      )
+    ).map((row) => row.id);
+    await database.query('UPDATE refresh_tokens SET revoked = true WHERE id = ANY($1::uuid[])', [
+      ids,
+    ]);
+    await waitFor(
+      async () =>
+        (
+          await database.query<{ count: number }>(
+            'SELECT count(*)::int AS count FROM refresh_tokens WHERE id = ANY($1::uuid[])',
+            [ids],
+          )
+        )[0]!.count === 0,
+      { message: 'the revoked tokens to be purged', timeoutMs: 10_000 },
+    );
+  }
+
   it('refuses a startup parameter, as a stock PgBouncer does', async () => {
     const client = new pg.Client({ connectionString: pooled(), statement_timeout: 1_000 });
     client.on('error', () => undefined);
@@ -162,26 +186,7 @@ describe('behind PgBouncer in transaction mode', function () {
     const daemon = spawnDaemon(['start'], { ...environment(poll), LISTEN_DATABASE_URL: undefined });
     await daemon.waitForLog('listener.caught_up');
 
-    const ids = (
-      await database.query<{ id: string }>(
-        `INSERT INTO refresh_tokens (user_id, token_hash, expires_at, revoked)
-         SELECT gen_random_uuid(), md5(random()::text || i), now() + interval '1 day', false
-         FROM generate_series(1, 20) i RETURNING id::text`,
-      )
-    ).map((row) => row.id);
-    await database.query('UPDATE refresh_tokens SET revoked = true WHERE id = ANY($1::uuid[])', [
-      ids,
-    ]);
-    await waitFor(
-      async () =>
-        (
-          await database.query<{ count: number }>(
-            'SELECT count(*)::int AS count FROM refresh_tokens WHERE id = ANY($1::uuid[])',
-            [ids],
-          )
-        )[0]!.count === 0,
-      { message: 'the revoked tokens to be polled away', timeoutMs: 10_000 },
-    );
+    await revokeTwentyAndWait();
     await daemon.waitForLog('purge.polled');
     // No connection of the daemon's goes direct: the listener's and the session's are absent.
     const direct = await database.query(
@@ -203,26 +208,7 @@ describe('behind PgBouncer in transaction mode', function () {
     const daemon = spawnDaemon(['start'], environment());
     await daemon.waitForLog('listener.caught_up');
 
-    const ids = (
-      await database.query<{ id: string }>(
-        `INSERT INTO refresh_tokens (user_id, token_hash, expires_at)
-         SELECT gen_random_uuid(), md5(random()::text || i), now() + interval '1 day'
-         FROM generate_series(1, 20) i RETURNING id::text`,
-      )
-    ).map((row) => row.id);
-    await database.query('UPDATE refresh_tokens SET revoked = true WHERE id = ANY($1::uuid[])', [
-      ids,
-    ]);
-    await waitFor(
-      async () =>
-        (
-          await database.query<{ count: number }>(
-            'SELECT count(*)::int AS count FROM refresh_tokens WHERE id = ANY($1::uuid[])',
-            [ids],
-          )
-        )[0]!.count === 0,
-      { message: 'the revoked tokens to be purged', timeoutMs: 10_000 },
-    );
+    await revokeTwentyAndWait();
     await daemon.waitForLog((line) => line.event === 'purge.batch');
 
     // The pool's connections are PgBouncer's clients; the listener's is not, it is the server's.

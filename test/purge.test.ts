@@ -14,6 +14,7 @@ import {
   deadCount,
   insertRandomRows,
   liveIds,
+  revokeThenUndo,
   type DatabaseTarget,
 } from './support/fixtures.js';
 
@@ -242,14 +243,8 @@ describe('prompt purge', () => {
       const [rolledBack, restored, fence] = await liveTokens(query, 3);
       const client = await database.current.pool.connect();
       try {
-        await client.query('BEGIN');
-        await client.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [rolledBack]);
-        await client.query('ROLLBACK');
         // Revoked, then restored, in one transaction: its NOTIFY still arrives at commit.
-        await client.query('BEGIN');
-        await client.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [restored]);
-        await client.query('UPDATE refresh_tokens SET revoked = false WHERE id = $1', [restored]);
-        await client.query('COMMIT');
+        await revokeThenUndo(client, rolledBack!, restored!);
       } finally {
         client.release();
       }

@@ -13,7 +13,7 @@ import {
   type OwnedServer,
 } from './support/database.js';
 import { findFreePort } from './support/embedded-server.js';
-import { createReferenceSchema } from './support/fixtures.js';
+import { createReferenceSchema, revokeThenUndo } from './support/fixtures.js';
 
 interface WalDatabase {
   readonly url: string;
@@ -186,13 +186,7 @@ describe('PURGE_SOURCE=wal', function () {
       const client = new pg.Client({ connectionString: database.url });
       await client.connect();
       try {
-        await client.query('BEGIN');
-        await client.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [rolledBack]);
-        await client.query('ROLLBACK');
-        await client.query('BEGIN');
-        await client.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [restored]);
-        await client.query('UPDATE refresh_tokens SET revoked = false WHERE id = $1', [restored]);
-        await client.query('COMMIT');
+        await revokeThenUndo(client, rolledBack!, restored!);
       } finally {
         await client.end();
       }

@@ -468,3 +468,22 @@ export function dayOffset(name: string): number | null {
   const today = Math.floor(Date.now() / DAY_MS) * DAY_MS;
   return Math.round((day - today) / DAY_MS);
 }
+
+/**
+ * On one connection: revokes `rolledBack` in a transaction that rolls back, then revokes and
+ * restores `restored` in one that commits. Neither may be purged: the first was never
+ * revoked, and the second is not revoked any more (its revocation still reaches the daemon).
+ */
+export async function revokeThenUndo(
+  client: Pick<pg.ClientBase, 'query'>,
+  rolledBack: string,
+  restored: string,
+): Promise<void> {
+  await client.query('BEGIN');
+  await client.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [rolledBack]);
+  await client.query('ROLLBACK');
+  await client.query('BEGIN');
+  await client.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [restored]);
+  await client.query('UPDATE refresh_tokens SET revoked = false WHERE id = $1', [restored]);
+  await client.query('COMMIT');
+}
