@@ -238,7 +238,10 @@ const COMMANDS: Record<
         return 0;
       }
       // Before anything changes: a server that cannot have the slot is a configuration error.
-      if (plan.source.some((step) => step.kind === 'slot')) await requireWalPrerequisites(client);
+      const published = plan.source.flatMap((step) =>
+        step.kind === 'publication' ? step.tables : [],
+      );
+      if (published.length > 0) await requireWalPrerequisites(client, published);
       const result = await applyInstallPlan(client, plan, logger, config);
       logger.info(
         'install.finished',

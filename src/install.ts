@@ -34,6 +34,7 @@ import { PURGE_SOURCES, type Config, type PurgeConfig, type PurgeSourceName } fr
 import { APPLICATION_NAME, createSessionClient } from './db.js';
 import { ConfigurationError, NewerSchemaVersionError } from './errors.js';
 import {
+  checkReplicaIdentities,
   checkWalPrerequisites,
   createSlotSql,
   dropPublicationSql,
@@ -631,9 +632,18 @@ export async function applySourceStep(
   }
 }
 
-/** PURGE_SOURCE=wal on this server: a ConfigurationError (exit 2) naming each fix, if it cannot. */
-export async function requireWalPrerequisites(client: pg.Client): Promise<void> {
-  const problems = await checkWalPrerequisites(client);
+/**
+ * PURGE_SOURCE=wal on this server, publishing these tables: a ConfigurationError (exit 2)
+ * naming each fix, if it cannot.
+ */
+export async function requireWalPrerequisites(
+  client: pg.Client,
+  tables: readonly Relation[],
+): Promise<void> {
+  const problems = [
+    ...(await checkWalPrerequisites(client)),
+    ...(await checkReplicaIdentities(client, tables)),
+  ];
   if (problems.length > 0) throw new ConfigurationError(problems);
 }
 

@@ -415,6 +415,37 @@ describe('PURGE_SOURCE=wal', function () {
     }
   });
 
+  it('refuses to publish a table without a replica identity, whose UPDATEs publishing would break (exit 2)', async () => {
+    const database = await walDatabase(server);
+    try {
+      await database.query(
+        `CREATE TABLE keyless_tokens (id uuid NOT NULL DEFAULT gen_random_uuid(),
+           revoked boolean NOT NULL DEFAULT false, expires_at timestamptz NOT NULL)`,
+      );
+      const environment = {
+        ...database.environment,
+        REFRESH_TOKENS_TABLE: 'keyless_tokens',
+        PURGE_WAL_SLOT: `${database.slot}_keyless`,
+      };
+      for (const command of ['install', 'start']) {
+        const result = await runCli([command], environment);
+        expect(result.code, result.stderr).to.equal(2);
+        expect(result.stderr).to.include('public.keyless_tokens').and.include('replica identity');
+      }
+      const published = await database.query(
+        `SELECT FROM pg_publication_tables WHERE tablename = 'keyless_tokens'`,
+      );
+      expect(published).to.deep.equal([]);
+      // The auth service's revocation still works.
+      await database.query(
+        `INSERT INTO keyless_tokens (expires_at) VALUES (now() + interval '1 day')`,
+      );
+      await database.query('UPDATE keyless_tokens SET revoked = true');
+    } finally {
+      await database.end();
+    }
+  });
+
   it('refuses to start without the publication, naming install (exit 2)', async () => {
     const database = await walDatabase(server);
     try {

@@ -133,6 +133,47 @@ export async function checkWalPrerequisites(client: ClientBase): Promise<string[
   return problems;
 }
 
+/**
+ * Tables whose UPDATEs publishing would break, one message each: PostgreSQL refuses an UPDATE
+ * on a table that publishes updates unless the table has a replica identity (a primary key, a
+ * REPLICA IDENTITY USING INDEX, or FULL). So adding a table without one to the publication
+ * would make the auth service's revocations fail. Each partition counts, since rows live there.
+ */
+export async function checkReplicaIdentities(
+  client: ClientBase,
+  tables: readonly Relation[],
+): Promise<string[]> {
+  const problems: string[] = [];
+  for (const table of tables) {
+    const { rows } = await client.query<{ name: string }>(
+      `WITH target AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS oid),
+       -- pg_partition_tree lists nothing for a table that is not partitioned.
+       leaves AS (
+         SELECT relid FROM target, pg_partition_tree(target.oid) WHERE isleaf
+         UNION SELECT oid FROM target
+         WHERE (SELECT relkind FROM pg_catalog.pg_class WHERE oid = target.oid) = 'r')
+       SELECT format('%I.%I', n.nspname, c.relname) AS name
+       FROM leaves
+       JOIN pg_catalog.pg_class c ON c.oid = leaves.relid
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+       WHERE (
+         c.relreplident = 'n'
+         OR (c.relreplident = 'd' AND NOT EXISTS (
+           SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+         OR (c.relreplident = 'i' AND NOT EXISTS (
+           SELECT FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
+       ORDER BY 1`,
+      [table.schema, table.name],
+    );
+    for (const { name } of rows) {
+      problems.push(
+        `PURGE_SOURCE=wal would publish ${name}, which has no replica identity (no primary key): PostgreSQL would then refuse every UPDATE of it, the auth service's revocations included. Give it a primary key, or run "ALTER TABLE ${name} REPLICA IDENTITY FULL;", or use PURGE_SOURCE=poll.`,
+      );
+    }
+  }
+  return problems;
+}
+
 /** Creates the slot; one that exists already (another daemon's, a second install) is kept. */
 export async function createSlot(client: ClientBase, slot: string): Promise<void> {
   try {

@@ -31,6 +31,7 @@ import { recordsRevocationTimes, type TableShape } from '../../schema.js';
 import type { CatchUpReason, Purger } from '../purger.js';
 import type { PurgeSource } from './source.js';
 import {
+  checkReplicaIdentities,
   checkWalPrerequisites,
   createSlot,
   dropSlot,
@@ -227,7 +228,13 @@ export function createWalSource({
           'SELECT pg_is_in_recovery() AS standby',
         );
         if (recovery.rows[0]?.standby === true) throw new StandbyError();
-        const problems = await checkWalPrerequisites(client);
+        const problems = [
+          ...(await checkWalPrerequisites(client)),
+          ...(await checkReplicaIdentities(
+            client,
+            purgers.map((purger) => purger.shape.relation),
+          )),
+        ];
         if (!(await publicationExists(client, slot))) {
           problems.push(
             `PURGE_SOURCE=wal needs the publication ${slot}, and the database has none. Run "token-reaper install" with PURGE_SOURCE=wal.`,
