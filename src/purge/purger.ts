@@ -1,8 +1,9 @@
-// Deletes revoked tokens as their NOTIFYs arrive, for one target with the revoke trigger.
-// There is no timer and no fixed delay: the first revocation is deleted at once, and every
-// revocation that arrives while a DELETE is in flight waits for it and forms the next batch.
-// Under a trickle each token goes alone, within a millisecond or two; under a burst the
-// batches grow by themselves, up to MAXIMUM_BATCH_IDS, so the database sees few statements.
+// Deletes revoked tokens as their revocations arrive (a NOTIFY, or a change decoded from the
+// slot: sources/), for one target with the prompt purge. There is no timer and no fixed
+// delay: the first revocation is deleted at once, and every revocation that arrives while a
+// DELETE is in flight waits for it and forms the next batch. Under a trickle each token goes
+// alone, within a millisecond or two; under a burst the batches grow by themselves, up to
+// MAXIMUM_BATCH_IDS, so the database sees few statements.
 //
 // The table is the truth and a notification is only a hint (pg-boss's rule):
 // - every DELETE re-checks the purgeable predicate, so a token restored in the meantime, or
@@ -371,6 +372,9 @@ export function createPurger({
     if (working || stopped) return;
     working = work().finally(() => {
       working = null;
+      // Work asked for between the loop's last look and now (from a continuation that ran
+      // before this one, such as a settled() waiter asking for a catch-up) starts a new loop.
+      if (queue.size > 0 || catchUp !== null) start();
     });
   };
 
