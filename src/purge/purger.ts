@@ -47,6 +47,13 @@ export const MAXIMUM_BATCH_IDS = 1_000;
 export const MAXIMUM_QUEUED_IDS = 20_000;
 /** catchUpSoon's delay: a flood of bad payloads costs one catch-up a second. */
 const UNTRUSTED_HINT_CATCH_UP_DELAY_MS = 1_000;
+/**
+ * A look again at revocations a batch did not find revoked. Logical decoding can deliver a
+ * commit a moment before other sessions see it (the commit record is flushed, and sent, just
+ * before the transaction leaves the proc array), so the DELETE's re-check may still read the
+ * row as live. A NOTIFY never comes that early; for it, this finds a restored token again.
+ */
+const NOT_VISIBLE_RECHECK_MS = 100;
 /** Retries of locked or failed work: 1 s doubling to 30 s, back to 1 s once all is done. */
 const RETRY_DELAY_MS = { first: 1_000, maximum: 30_000 };
 
@@ -58,7 +65,8 @@ export type CatchUpReason =
   | 'locked_rows'
   | 'purge_failed'
   | 'poll'
-  | 'slot_created';
+  | 'slot_created'
+  | 'not_visible';
 
 /** How long a poll reuses the table's description: partitions come and go, but not by the 100 ms. */
 const POLL_DESCRIPTION_TTL_MS = 10_000;
@@ -217,6 +225,9 @@ export function createPurger({
       skipped: result.skipped,
     });
     events.emit('purge', report);
+    if (result.deleted + result.skipped < batch.length) {
+      catchUpAfter('not_visible', NOT_VISIBLE_RECHECK_MS);
+    }
     return result.skipped;
   };
 
