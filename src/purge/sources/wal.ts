@@ -56,7 +56,7 @@ class SlotInUseError extends Error {
   }
 }
 
-type WalConfig = Pick<Config, 'databaseUrl' | 'listenDatabaseUrl' | 'purge'>;
+type WalConfig = Pick<Config, 'databaseUrl' | 'listenDatabaseUrl' | 'purge' | 'statementTimeoutMs'>;
 
 /** True when a decoded row should reach the purger: revoked now, or, while revocation times are recorded, any change of the marker (an un-revoke must forget its time). */
 export function isRevocationChange(
@@ -228,10 +228,6 @@ export function createWalSource({
           'SELECT pg_is_in_recovery() AS standby',
         );
         if (recovery.rows[0]?.standby === true) throw new StandbyError();
-        // A daemon standing by asks every 2 s: the slot first, so that it asks nothing else
-        // while another daemon streams.
-        const state = await readSlotState(client, slot);
-        if (state.exists && state.active) throw new SlotInUseError(state.activePid);
         const problems = [
           ...(await checkWalPrerequisites(client)),
           ...(await checkReplicaIdentities(
@@ -245,6 +241,8 @@ export function createWalSource({
           );
         }
         if (problems.length > 0) throw new ConfigurationError(problems);
+        const state = await readSlotState(client, slot);
+        if (state.exists && state.active) throw new SlotInUseError(state.activePid);
         const walEnd = async () =>
           parseLsn(
             (await client.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn'))
