@@ -232,7 +232,12 @@ const COMMANDS: Record<
     try {
       // Planned before anything is applied, so that a role it refuses changes nothing.
       const rolePlan =
-        role === null ? null : await planRole(client, role, shapes, config.purge.source);
+        role === null
+          ? null
+          : await planRole(client, role, shapes, {
+              source: config.purge.source,
+              readsReplicaLag: config.sweep.maxReplicaLagMs !== null,
+            });
       if (flags.print) {
         process.stdout.write(`${formatInstallPlan(plan)}\n${formatRolePlan(rolePlan!)}`);
         return 0;

@@ -8,6 +8,7 @@ import { checkConnectionUrl, ConnectionUrlError, SUPPORTED_URL_PARAMETERS } from
 import { ConfigurationError } from './errors.js';
 import { redactUrl } from './redact.js';
 import { readTargetFile } from './targets/config-file.js';
+import { DURATION_HELP, parseDuration } from './targets/duration.js';
 import { readEnvironmentTargets, TARGET_VARIABLES } from './targets/environment.js';
 import type { QualifiedName, TargetRule } from './targets/rule.js';
 
@@ -32,8 +33,25 @@ export interface SweepConfig {
   readonly schedule: string;
   /** IANA timezone of the schedule, or null for the process's own. */
   readonly timezone: string | null;
-  /** Heap pages per TID-range batch: the knob that trades batch length for batch count. */
+  /**
+   * Heap pages of the first TID-range batch of each table; later batches are sized from the
+   * measured durations to take about batchTargetMs (sweep/pacing.ts).
+   */
   readonly batchPages: number;
+  /** SWEEP_BATCH_TARGET_MS: how long one batch should take, and so hold its locks. */
+  readonly batchTargetMs: number;
+  /** SWEEP_PAUSE_RATIO: the pause after each batch, as a multiple of that batch's duration. */
+  readonly pauseRatio: number;
+  /**
+   * SWEEP_MAX_REPLICA_LAG: the sweep pauses while a standby or a logical slot's consumer is
+   * further behind than this, in milliseconds; null (the default) to not look.
+   */
+  readonly maxReplicaLagMs: number | null;
+  /**
+   * SWEEP_MAX_DURATION: a sweep ends after this long, in milliseconds, and the next resumes
+   * where it stopped; null (the default) for no limit.
+   */
+  readonly maxDurationMs: number | null;
   /** Connections deleting disjoint page ranges at once. */
   readonly concurrency: number;
   readonly partitions: PartitionConfig;
@@ -181,6 +199,17 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
 
   const batchPages = readInteger(read, problems, 'SWEEP_BATCH_PAGES', 500, 1, 1_000_000);
   const concurrency = readInteger(read, problems, 'SWEEP_CONCURRENCY', 1, 1, 64);
+  const batchTargetMs = readInteger(
+    read,
+    problems,
+    'SWEEP_BATCH_TARGET_MS',
+    DEFAULT_BATCH_TARGET_MS,
+    1,
+    60_000,
+  );
+  const pauseRatio = readRatio(read, problems, 'SWEEP_PAUSE_RATIO', DEFAULT_PAUSE_RATIO);
+  const maxReplicaLagMs = readOptionalMilliseconds(read, problems, 'SWEEP_MAX_REPLICA_LAG');
+  const maxDurationMs = readOptionalMilliseconds(read, problems, 'SWEEP_MAX_DURATION');
   const expiredAction = (read('EXPIRED_PARTITIONS') ?? 'drop').toLowerCase();
   if (expiredAction !== 'drop' && expiredAction !== 'detach') {
     problems.push(
@@ -253,7 +282,17 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
     targets,
     targetsFile,
     naiveTimestampsTimezone,
-    sweep: { schedule, timezone, batchPages, concurrency, partitions },
+    sweep: {
+      schedule,
+      timezone,
+      batchPages,
+      batchTargetMs,
+      pauseRatio,
+      maxReplicaLagMs,
+      maxDurationMs,
+      concurrency,
+      partitions,
+    },
     metrics,
     statementTimeoutMs,
     installLockTimeoutSeconds,
@@ -474,6 +513,48 @@ function readPositiveDuration(
     problems.push(`${variable} must be at least 1s.`);
   }
   return seconds;
+}
+
+// Measured (npm run bench -- --only gentle, README "Benchmarks"): see the README for the
+// figures behind these two.
+export const DEFAULT_BATCH_TARGET_MS = 20;
+export const DEFAULT_PAUSE_RATIO = 1;
+
+/** A decimal from 0 to 100, or `fallback` when unset. */
+function readRatio(
+  read: (name: string) => string | undefined,
+  problems: string[],
+  variable: string,
+  fallback: number,
+): number {
+  const value = read(variable);
+  if (value === undefined) return fallback;
+  const number = Number(value);
+  if (!/^\d+(\.\d+)?$/.test(value) || number > 100) {
+    problems.push(
+      `${variable}=${JSON.stringify(value)} is not a number from 0 to 100, such as 0.5 or 2. Unset it for the default, ${fallback}.`,
+    );
+    return fallback;
+  }
+  return number;
+}
+
+/** Milliseconds from an interval such as `500ms`, `5s` or `1h`; null when unset. */
+function readOptionalMilliseconds(
+  read: (name: string) => string | undefined,
+  problems: string[],
+  variable: string,
+): number | null {
+  const value = read(variable);
+  if (value === undefined) return null;
+  const seconds = parseDuration(value);
+  if (seconds === null || seconds <= 0) {
+    problems.push(
+      `${variable}=${JSON.stringify(value)} is not a positive duration. ${DURATION_HELP}, or unset it for no limit.`,
+    );
+    return null;
+  }
+  return Math.round(seconds * 1000);
 }
 
 // Measured (npm run bench): a poll every 100 ms costs the auth workload nothing measurable

@@ -32,6 +32,19 @@ export interface SweepProgressEvent {
   rowsPerSecond: number;
   /** Seconds left at the current rate, or null before there is a rate. */
   etaSeconds: number | null;
+  /** SWEEP_MAX_REPLICA_LAG: the consumer the sweep is paused for now, or null. */
+  throttled: { source: string; lagMs: number; lagBytes: number } | null;
+}
+
+/** SWEEP_MAX_REPLICA_LAG: the sweep paused for a consumer's lag, or went on after the pause. */
+export interface SweepThrottleEvent {
+  throttled: boolean;
+  /** `standby <application_name>` or `logical slot <slot_name>`. */
+  source: string;
+  lagMs: number;
+  lagBytes: number;
+  /** When the pause ends: how long it lasted. */
+  pausedMs?: number;
 }
 
 /** A retry of the rows a finished sweep left locked (sweep/sweeper.ts). */
@@ -55,6 +68,7 @@ export interface ReaperEventMap {
   sweep: [SweepOutcome];
   progress: [SweepProgressEvent];
   sweepRetry: [SweepRetryEvent];
+  sweepThrottle: [SweepThrottleEvent];
   purge: [PurgeBatchEvent];
   catchUp: [CatchUpEvent];
   /** The listener connected (LISTEN in place) or lost its connection. */

@@ -21,6 +21,7 @@ import type {
   PurgeBatchEvent,
   ReaperEvents,
   SweepRetryEvent,
+  SweepThrottleEvent,
   WalSlotEvent,
 } from './events.js';
 import type { Logger } from './logger.js';
@@ -89,7 +90,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
   });
   const sweeps = new Counter({
     name: 'token_reaper_sweeps_total',
-    help: 'Sweeps by trigger and status: finished, interrupted (stopped between batches), skipped (another process held the sweep lock, or stopping), failed.',
+    help: 'Sweeps by trigger and status: finished, interrupted (stopped between batches), partial (ended at SWEEP_MAX_DURATION; the next resumes), skipped (another process held the sweep lock, or stopping), failed.',
     labelNames: ['trigger', 'status'] as const,
     registers,
   });
@@ -128,6 +129,23 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
     name: 'token_reaper_wal_slot_retained_bytes',
     help: 'PURGE_SOURCE=wal: the WAL the replication slot keeps from removal (current LSN − restart_lsn), read every 10 s by the daemon that streams from it. Alert well below max_slot_wal_keep_size.',
     labelNames: ['slot'] as const,
+    registers,
+  });
+  const sweepThrottled = new Gauge({
+    name: 'token_reaper_sweep_throttled',
+    help: 'SWEEP_MAX_REPLICA_LAG: 1 while the sweep is paused because a standby or a logical slot lags more than the limit, else 0.',
+    registers,
+  });
+  const sweepThrottledLag = new Gauge({
+    name: 'token_reaper_sweep_throttled_lag_seconds',
+    help: 'SWEEP_MAX_REPLICA_LAG: the lag the sweep paused for, by source (standby <name>, logical slot <name>); 0 once the pause ends.',
+    labelNames: ['source'] as const,
+    registers,
+  });
+  const sweepThrottles = new Counter({
+    name: 'token_reaper_sweep_throttles_total',
+    help: 'SWEEP_MAX_REPLICA_LAG: pauses of the sweep for a lagging standby or logical slot, by source.',
+    labelNames: ['source'] as const,
     registers,
   });
   if (options.version !== undefined) {
@@ -174,8 +192,11 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
         partitionsRemoved.inc({ table, action: 'detach' }, report.partitionsDetached);
       }
     }
-    if (outcome.interrupted) {
-      sweeps.inc({ trigger: outcome.trigger, status: 'interrupted' });
+    if (outcome.interrupted || outcome.partial) {
+      sweeps.inc({
+        trigger: outcome.trigger,
+        status: outcome.interrupted ? 'interrupted' : 'partial',
+      });
       return;
     }
     sweeps.inc({ trigger: outcome.trigger, status: 'finished' });
@@ -188,6 +209,15 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
     connectedBefore = true;
   };
 
+  const onSweepThrottle = (throttle: SweepThrottleEvent) => {
+    sweepThrottled.set(throttle.throttled ? 1 : 0);
+    sweepThrottledLag.set(
+      { source: throttle.source },
+      throttle.throttled ? throttle.lagMs / 1000 : 0,
+    );
+    if (throttle.throttled) sweepThrottles.inc({ source: throttle.source });
+  };
+
   const onWalSlot = (state: WalSlotEvent) => {
     if (state.retainedBytes !== null) slotRetained.set({ slot: state.slot }, state.retainedBytes);
   };
@@ -197,6 +227,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
   events.on('catchUp', onCatchUp);
   events.on('sweep', onSweep);
   events.on('sweepRetry', onSweepRetry);
+  events.on('sweepThrottle', onSweepThrottle);
   events.on('listener', onListener);
 
   return {
@@ -209,6 +240,7 @@ export function createMetrics(events: ReaperEvents, options: MetricsOptions): Me
       events.off('catchUp', onCatchUp);
       events.off('sweep', onSweep);
       events.off('sweepRetry', onSweepRetry);
+      events.off('sweepThrottle', onSweepThrottle);
       events.off('listener', onListener);
     },
   };

@@ -12,6 +12,10 @@
 //   from the leaves directly, and a parent's grants only cover access through the parent;
 // - with a grace on a boolean revoked column (REFRESH_TOKEN_REVOKED_GRACE), the revocation
 //   times in token_reaper.revocations: USAGE on token_reaper, and SELECT, INSERT and DELETE;
+// - where an unfinished sweep stopped, token_reaper.sweep_positions: SELECT, INSERT, UPDATE
+//   and DELETE;
+// - with SWEEP_MAX_REPLICA_LAG, the standbys' and slots' positions in pg_stat_replication:
+//   pg_read_all_stats, without which they read as NULL;
 // - on a table partitioned by expiry, DROP TABLE, DETACH PARTITION and CREATE TABLE …
 //   PARTITION OF. PostgreSQL lets only the owner do those, and has no finer privilege for
 //   them (not even MAINTAIN, in 17). So the role becomes a member of the table's owner, and
@@ -36,6 +40,16 @@ import { qualifiedName, recordsRevocationTimes, type Relation, type TableShape }
 
 /** The relation the daemon keeps revocation times in, when a grace needs them. */
 const REVOCATIONS: Relation = { schema: 'token_reaper', name: 'revocations' };
+
+/** Where an unfinished sweep stopped (sweep/positions.ts). */
+const POSITIONS: Relation = { schema: 'token_reaper', name: 'sweep_positions' };
+
+/** What of the daemon's configuration decides a grant. */
+export interface RoleNeeds {
+  source: PurgeSourceName;
+  /** SWEEP_MAX_REPLICA_LAG is set: the sweep reads the standbys' and slots' positions. */
+  readsReplicaLag: boolean;
+}
 
 /** PostgreSQL 16 added the INHERIT option to GRANT role TO role. */
 const GRANT_OPTIONS_VERSION = 160_000;
@@ -173,8 +187,9 @@ export function buildRolePlan(
   shapes: readonly TableShape[],
   databaseName: string,
   facts: RoleFacts,
-  source: PurgeSourceName = 'notify',
+  needs: RoleNeeds = { source: 'notify', readsReplicaLag: false },
 ): RolePlan {
+  const { source } = needs;
   const role = escapeIdentifier(roleName);
   const problems: string[] = [];
   const warnings: string[] = [];
@@ -194,7 +209,7 @@ export function buildRolePlan(
     ...new Set([
       ...shapes.flatMap(relationsOf).map((relation) => relation.schema),
       ...shapes.flatMap((shape) => shape.references).map((reference) => reference.from.schema),
-      ...(revocations ? [REVOCATIONS.schema] : []),
+      REVOCATIONS.schema,
     ]),
   ];
   statements.push({
@@ -294,6 +309,18 @@ export function buildRolePlan(
     });
   }
 
+  statements.push({
+    comment:
+      'Where an unfinished sweep stopped (SWEEP_MAX_DURATION, a restart): read, saved and cleared.',
+    sql: `GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE ${escapeIdentifier(POSITIONS.schema)}.${escapeIdentifier(POSITIONS.name)} TO ${role};`,
+  });
+  if (needs.readsReplicaLag) {
+    statements.push({
+      comment: `SWEEP_MAX_REPLICA_LAG: pg_read_all_stats (the part of pg_monitor it needs), to read where the standbys and logical slots are in pg_stat_replication. It also shows ${roleName} the text of every session's current query in pg_stat_activity: leave SWEEP_MAX_REPLICA_LAG unset if the auth service's queries carry token values as literals rather than parameters.`,
+      sql: `GRANT pg_read_all_stats TO ${role};`,
+    });
+  }
+
   const ownerMemberships: { table: string; owner: string }[] = [];
   for (const [owner, tables] of memberships) {
     for (const table of tables) ownerMemberships.push({ table, owner });
@@ -314,10 +341,10 @@ export async function planRole(
   client: Pick<pg.ClientBase, 'query'>,
   roleName: string,
   shapes: readonly TableShape[],
-  source: PurgeSourceName = 'notify',
+  needs?: RoleNeeds,
 ): Promise<RolePlan> {
   const { databaseName, facts } = await describeRoleFacts(client, roleName, shapes);
-  return buildRolePlan(roleName, shapes, databaseName, facts, source);
+  return buildRolePlan(roleName, shapes, databaseName, facts, needs);
 }
 
 /**

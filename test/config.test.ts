@@ -130,6 +130,10 @@ describe('config', () => {
       LOG_LEVEL: 'loud',
       SWEEP_BATCH_PAGES: '0',
       SWEEP_CONCURRENCY: 'two',
+      SWEEP_BATCH_TARGET_MS: '0',
+      SWEEP_PAUSE_RATIO: '-1',
+      SWEEP_MAX_REPLICA_LAG: '5 parsecs',
+      SWEEP_MAX_DURATION: '0s',
       REFRESH_TOKENS_REVOKED_COLUMN: 'revoked-at',
       REFRESH_TOKEN_REVOKED_GRACE: '5 minutes',
     });
@@ -142,6 +146,10 @@ describe('config', () => {
       ['LOG_LEVEL', /Use one of error, warn, info/],
       ['SWEEP_BATCH_PAGES', /whole number from 1/],
       ['SWEEP_CONCURRENCY', /whole number from 1/],
+      ['SWEEP_BATCH_TARGET_MS', /whole number from 1 to 60000/],
+      ['SWEEP_PAUSE_RATIO', /not a number from 0 to 100, such as 0\.5/],
+      ['SWEEP_MAX_REPLICA_LAG', /not a positive duration\. Use .*"90s".*unset it for no limit/],
+      ['SWEEP_MAX_DURATION', /not a positive duration/],
       ['REFRESH_TOKENS_REVOKED_COLUMN', /not a valid name/],
       ['REFRESH_TOKEN_REVOKED_GRACE', /not a duration\. Use .*90s, 15m, 1h or 7d/],
     ];
@@ -150,6 +158,30 @@ describe('config', () => {
       const problem = problems.find((candidate) => candidate.startsWith(`${variable}=`));
       expect(problem, variable).to.match(pattern);
     }
+  });
+
+  it('reads the sweep’s pacing: a time per batch, a pause ratio, a replica lag and a window', () => {
+    expect(loadConfig(minimal).sweep).to.include({
+      batchPages: 500,
+      batchTargetMs: 20,
+      pauseRatio: 1,
+      maxReplicaLagMs: null,
+      maxDurationMs: null,
+    });
+    const paced = loadConfig({
+      ...minimal,
+      SWEEP_BATCH_TARGET_MS: '50',
+      SWEEP_PAUSE_RATIO: '0.25',
+      SWEEP_MAX_REPLICA_LAG: '500ms',
+      SWEEP_MAX_DURATION: '2 hours',
+    }).sweep;
+    expect(paced).to.include({
+      batchTargetMs: 50,
+      pauseRatio: 0.25,
+      maxReplicaLagMs: 500,
+      maxDurationMs: 7_200_000,
+    });
+    expect(loadConfig({ ...minimal, SWEEP_PAUSE_RATIO: '0' }).sweep.pauseRatio).to.equal(0);
   });
 
   describe('connection URLs', () => {

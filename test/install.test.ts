@@ -13,6 +13,7 @@ const ALL_FILES = [
   '004-expiry-index.sql',
   '005-marker-index.sql',
   '007-revocations.sql',
+  '008-sweep-positions.sql',
 ];
 
 function installFinished(result: Awaited<ReturnType<typeof runCli>>) {

@@ -160,14 +160,19 @@ describe('install --role', () => {
       expect(firstInstall.logs.indexOf(applied!)).to.be.greaterThan(finished);
     });
 
-    it('grants CONNECT, USAGE on the schema, SELECT and DELETE on each table, and nothing else', async () => {
+    it('grants CONNECT, USAGE on the schemas, SELECT and DELETE on each table, the sweep positions, and nothing else', async () => {
       expect(await privilegesOf(database, role)).to.deep.equal([
         `database ${database.name} CONNECT`,
         'schema public USAGE',
+        'schema token_reaper USAGE',
         'table password_resets DELETE',
         'table password_resets SELECT',
         'table refresh_tokens DELETE',
         'table refresh_tokens SELECT',
+        'table token_reaper.sweep_positions DELETE',
+        'table token_reaper.sweep_positions INSERT',
+        'table token_reaper.sweep_positions SELECT',
+        'table token_reaper.sweep_positions UPDATE',
       ]);
     });
 
@@ -242,7 +247,7 @@ describe('install --role', () => {
       ).to.equal(0);
     });
 
-    it('gives the role nothing more: no writes, no other table, no DDL, no token_reaper schema', async () => {
+    it('gives the role nothing more: no writes, no other table, no DDL, nothing else of token_reaper', async () => {
       await withServerClient(async (client) => {
         await expectDenied(client, `UPDATE refresh_tokens SET revoked = true`);
         await expectDenied(
@@ -309,6 +314,21 @@ describe('install --role', () => {
       );
     });
 
+    it('grants pg_read_all_stats only when SWEEP_MAX_REPLICA_LAG is set', async () => {
+      const other = roleName('lag');
+      const plain = succeeded(
+        await runCli(['install', '--role', other, '--print'], { DATABASE_URL: database.url }),
+      );
+      expect(plain.stdout).to.not.include('pg_read_all_stats');
+      const lagging = succeeded(
+        await runCli(['install', '--role', other, '--print'], {
+          DATABASE_URL: database.url,
+          SWEEP_MAX_REPLICA_LAG: '5s',
+        }),
+      );
+      expect(lagging.stdout).to.include(`GRANT pg_read_all_stats TO "${other}";`);
+    });
+
     it('refuses a superuser role, before changing anything', async () => {
       const [{ user }] = (await database.query('SELECT current_user AS user')) as [
         { user: string },
@@ -346,6 +366,10 @@ describe('install --role', () => {
         'table token_reaper.revocations DELETE',
         'table token_reaper.revocations INSERT',
         'table token_reaper.revocations SELECT',
+        'table token_reaper.sweep_positions DELETE',
+        'table token_reaper.sweep_positions INSERT',
+        'table token_reaper.sweep_positions SELECT',
+        'table token_reaper.sweep_positions UPDATE',
       ]);
       await giveLogin(database, role);
 
@@ -395,6 +419,7 @@ describe('install --role', () => {
       expect(await privilegesOf(database, role)).to.deep.equal([
         `database ${database.name} CONNECT`,
         'schema public USAGE',
+        'schema token_reaper USAGE',
         'table refresh_tokens DELETE',
         'table refresh_tokens SELECT',
         'table refresh_tokens_h0 DELETE',
@@ -403,6 +428,10 @@ describe('install --role', () => {
         'table refresh_tokens_h1 SELECT',
         'table refresh_tokens_h2 DELETE',
         'table refresh_tokens_h2 SELECT',
+        'table token_reaper.sweep_positions DELETE',
+        'table token_reaper.sweep_positions INSERT',
+        'table token_reaper.sweep_positions SELECT',
+        'table token_reaper.sweep_positions UPDATE',
       ]);
       await giveLogin(database, role);
       const roleEnvironment = {

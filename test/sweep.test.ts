@@ -2,51 +2,15 @@
 // with writers running beside it, and it never runs twice at once.
 import { expect } from 'chai';
 import type pg from 'pg';
-import type { DatabasePool } from 'slonik';
-import { loadConfig } from '../src/config.js';
-import { createDatabasePool } from '../src/db.js';
-import { createReaperEvents, type SweepProgressEvent } from '../src/events.js';
-import {
-  createSweeper,
-  SWEEP_LOCK,
-  type Sweeper,
-  type SweepOutcome,
-} from '../src/sweep/sweeper.js';
-import { createCapturingLogger, type CapturingLogger } from './support/capture-logger.js';
+import type { SweepProgressEvent } from '../src/events.js';
+import { SWEEP_LOCK, type SweepOutcome } from '../src/sweep/sweeper.js';
+import { sweeperFor } from './support/sweeper.js';
+import { finishedSweep } from './support/targets.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
 import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
 import { waitFor } from './support/cli.js';
 
-interface Harness {
-  sweeper: Sweeper;
-  pool: DatabasePool;
-  logs: CapturingLogger;
-}
-
-async function sweeperFor(
-  database: TestDatabase,
-  environment: Record<string, string>,
-  cleanup: (() => Promise<void>)[],
-): Promise<Harness> {
-  const config = loadConfig({ DATABASE_URL: database.url, NODE_ENV: 'test', ...environment });
-  const logs = createCapturingLogger('debug');
-  const pool = await createDatabasePool(config, logs.logger, {
-    maximumPoolSize: config.sweep.concurrency + 1,
-  });
-  const sweeper = createSweeper({ pool, config, logger: logs.logger });
-  cleanup.push(async () => {
-    await sweeper.stop();
-    await pool.end();
-  });
-  return { sweeper, pool, logs };
-}
-
-function finished(outcome: SweepOutcome) {
-  if (outcome.status !== 'finished') {
-    throw new Error(`expected a finished sweep, got ${JSON.stringify(outcome)}`);
-  }
-  return outcome;
-}
+const finished = finishedSweep;
 
 async function ids(database: TestDatabase, table: string): Promise<Set<string>> {
   const rows = await database.query(`SELECT id::text AS id FROM ${table}`);
@@ -355,23 +319,13 @@ describe('the sweep', () => {
       count: 20_000,
       seed: 0.3,
     });
-    const config = loadConfig({
-      DATABASE_URL: database.url,
-      NODE_ENV: 'test',
-      REFRESH_TOKENS_TABLE: table,
-      PASSWORD_RESETS_TABLE: 'none',
-      SWEEP_BATCH_PAGES: '10',
-    });
-    const logs = createCapturingLogger('info');
-    const pool = await createDatabasePool(config, logs.logger, { maximumPoolSize: 2 });
-    const events = createReaperEvents();
+    const { sweeper, logs, events } = await sweeperFor(
+      database.current,
+      { REFRESH_TOKENS_TABLE: table, PASSWORD_RESETS_TABLE: 'none', SWEEP_BATCH_PAGES: '10' },
+      cleanup,
+    );
     const progress: SweepProgressEvent[] = [];
     events.on('progress', (event) => progress.push(event));
-    const sweeper = createSweeper({ pool, config, logger: logs.logger, events });
-    cleanup.push(async () => {
-      await sweeper.stop();
-      await pool.end();
-    });
     // A dead row in the middle of the table whose delete waits for an advisory lock holds the
     // sweep there, in flight, for as long as the test needs. (A lock wait would not: the sweep
     // gives up on a lock after a moment, skips the row, and retries it after it has finished.

@@ -31,6 +31,8 @@ import {
 import { instantOfBoundText, instantOfValue, type TimeReading } from '../targets/time.js';
 import { retryOnLockTimeout } from '../retry.js';
 import { deleteMarkedRows } from './marked-rows.js';
+import type { Pacer } from './pacing.js';
+import type { ReplicaGate } from './replica-lag.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
 
 export interface Partition extends Relation {
@@ -76,7 +78,8 @@ export interface PartitionSweep {
   pool: DatabasePool;
   shape: TableShape;
   config: PartitionConfig;
-  batchPages: number;
+  pacer: Pacer;
+  gate: ReplicaGate | null;
   concurrency: number;
   dryRun: boolean;
   signal: AbortSignal;
@@ -276,7 +279,10 @@ export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionS
         pool,
         shape,
         relation: partition,
-        batchPages: sweep.batchPages,
+        pacer: sweep.pacer,
+        gate: sweep.gate,
+        // Partitions come and go between sweeps: their walks start from 0.
+        positions: null,
         concurrency: sweep.concurrency,
         mode,
         signal,

@@ -31,7 +31,16 @@ import {
 } from '../schema.js';
 import { sweepPartitions, type PartitionReport } from './partitions.js';
 import { trackProgress, type ProgressTracker } from './progress.js';
-import { deleteTidRange, walkTidRanges, type BatchReport, type TidRange } from './tid-range.js';
+import { createPacer, distribution, type BatchDurations } from './pacing.js';
+import { POSITIONS, readPositions } from './positions.js';
+import { createReplicaGate, type ReplicaGate, type ReplicaLag } from './replica-lag.js';
+import {
+  deleteTidRange,
+  walkTidRanges,
+  type BatchReport,
+  type TidRange,
+  type TidRangeWalk,
+} from './tid-range.js';
 
 export type SweepTrigger = 'schedule' | 'signal' | 'cli' | 'api';
 
@@ -47,6 +56,12 @@ export interface TableSweepResult {
   /** Dry runs only: the rows a real sweep would delete now. */
   wouldDelete?: number;
   batches: number;
+  /** The distribution of this table's batch durations; null when no batch ran. */
+  batchDurationMs: BatchDurations | null;
+  /** Where the walk started when it resumed an unfinished one (positions.ts). */
+  resumedFromPage?: number;
+  /** False when the sweep ended before this table's walk did. */
+  complete: boolean;
   partitionsDropped: number;
   durationMs: number;
   /** The partition strategy's own figures (see sweep/partitions.ts). */
@@ -60,10 +75,17 @@ export type SweepOutcome =
       dryRun: boolean;
       /** True when a stop request ended the sweep between batches. */
       interrupted: boolean;
+      /**
+       * True when the sweep ended before walking everything, at SWEEP_MAX_DURATION or a stop:
+       * the next sweep resumes each table where this one stopped.
+       */
+      partial: boolean;
       deleted: number;
       /** Dead rows left locked, in all tables; retried after the sweep. */
       skipped: number;
       durationMs: number;
+      /** Batch durations of all tables together; null when no batch ran. */
+      batchDurationMs: BatchDurations | null;
       tables: Record<string, TableSweepResult>;
     }
   | { status: 'skipped'; trigger: SweepTrigger; reason: string }
@@ -102,6 +124,14 @@ export const LOCKED_ROWS_RETRY: LockedRowsRetry = {
   periodMs: 5 * 60_000,
 };
 
+/** One sweep's walks: dry or not, the signal that ends them, the replica gate. */
+interface Walk {
+  dryRun: boolean;
+  signal: AbortSignal;
+  gate: ReplicaGate | null;
+  throttledBy: () => ReplicaLag | null;
+}
+
 /** A page range whose batch left `rows` dead rows locked. */
 interface LockedRange extends TidRange {
   rows: number;
@@ -123,6 +153,7 @@ export interface SweeperDependencies {
     | 'databaseUrl'
     | 'listenDatabaseUrl'
     | 'statementTimeoutMs'
+    | 'purge'
   >;
   logger: Logger;
   events?: ReaperEvents;
@@ -156,8 +187,15 @@ export function createSweeper({
   };
 
   const onBatch =
-    (shape: TableShape, dryRun: boolean, progress: ProgressTracker, locked: LockedRange[]) =>
+    (
+      shape: TableShape,
+      dryRun: boolean,
+      progress: ProgressTracker,
+      locked: LockedRange[],
+      durations: number[],
+    ) =>
     (batch: BatchReport) => {
+      durations.push(batch.durationMs);
       progress.batch(batch.toPage - batch.fromPage, dryRun ? 0 : batch.rows);
       const { relation, fromPage, toPage, skipped } = batch;
       if (skipped > 0) locked.push({ shape, relation, fromPage, toPage, rows: skipped });
@@ -173,19 +211,23 @@ export function createSweeper({
 
   // A table partitioned by expiry drops whole partitions; anything else is walked by TID
   // ranges, a partitioned table one leaf at a time.
-  const sweepTable = async (shape: TableShape, dryRun: boolean) => {
+  const sweepTable = async (shape: TableShape, walk: Walk) => {
     // With a grace on a boolean column, a revoked row's time must be known before the sweep
     // can tell whether its grace has passed: rows revoked while no NOTIFY was heard get the
     // time they are first seen. Afterwards, the records of rows now gone are forgotten.
-    const recording = recordsRevocationTimes(shape) && !dryRun;
+    const recording = recordsRevocationTimes(shape) && !walk.dryRun;
     if (recording) {
       for (const leaf of shape.leaves) await recordUnseenRevocations(pool, shape, leaf);
     }
-    const progress = trackProgress(qualifiedName(shape.relation), log, events);
+    const progress = trackProgress(qualifiedName(shape.relation), log, events, walk.throttledBy);
     const locked: LockedRange[] = [];
+    const durations: number[] = [];
     try {
-      const result = await sweepTableWith(shape, dryRun, progress, locked);
-      return { ...result, locked };
+      const result = await sweepTableWith(shape, walk, {
+        onBatch: onBatch(shape, walk.dryRun, progress, locked, durations),
+        onStart: progress.addPages,
+      });
+      return { ...result, locked, durations };
     } finally {
       progress.stop();
       if (recording) await forgetRevocations(pool, shape);
@@ -194,41 +236,85 @@ export function createSweeper({
 
   const sweepTableWith = async (
     shape: TableShape,
-    dryRun: boolean,
-    progress: ProgressTracker,
-    locked: LockedRange[],
+    walk: Walk,
+    callbacks: Required<Pick<TidRangeWalk, 'onBatch' | 'onStart'>>,
   ) => {
     const settings = {
+      ...callbacks,
       pool,
-      batchPages: config.sweep.batchPages,
+      pacer: createPacer({
+        startPages: config.sweep.batchPages,
+        targetMs: config.sweep.batchTargetMs,
+        pauseRatio: config.sweep.pauseRatio,
+      }),
+      gate: walk.gate,
       concurrency: config.sweep.concurrency,
-      signal: abort.signal,
-      onBatch: onBatch(shape, dryRun, progress, locked),
-      onStart: progress.addPages,
+      signal: walk.signal,
     };
     if (shape.partitionedByExpiry) {
       const partitions = await sweepPartitions({
         ...settings,
         shape,
         config: config.sweep.partitions,
-        dryRun,
+        dryRun: walk.dryRun,
         logger,
       });
-      return { rows: partitions.rows, batches: partitions.batches, partitions: partitions.report };
+      return {
+        rows: partitions.rows,
+        batches: partitions.batches,
+        partitions: partitions.report,
+        complete: !walk.signal.aborted,
+        resumedFromPage: 0,
+      };
     }
+    // A dry run reads everything and moves no position.
+    const positions = walk.dryRun ? null : await readPositions(pool, shape, warnPositionsMissing);
     let rows = 0;
     let batches = 0;
+    let complete = true;
+    let resumedFromPage = 0;
     for (const leaf of shape.leaves) {
+      if (walk.signal.aborted) {
+        complete = false;
+        break;
+      }
       const walked = await walkTidRanges({
         ...settings,
         shape,
         relation: leaf,
-        mode: dryRun ? 'count' : 'delete',
+        positions,
+        mode: walk.dryRun ? 'count' : 'delete',
       });
       rows += walked.rows;
       batches += walked.batches;
+      complete &&= walked.complete;
+      if (leaf === shape.leaves[0]) resumedFromPage = walked.fromPage;
     }
-    return { rows, batches, partitions: null };
+    if (complete) await positions?.complete();
+    return { rows, batches, partitions: null, complete, resumedFromPage };
+  };
+
+  // Both warnings come once per process: the fix is an install, and a sweep every night
+  // repeating it would bury other lines.
+  let positionsWarned = false;
+  const warnPositionsMissing = () => {
+    if (positionsWarned) return;
+    positionsWarned = true;
+    log.warn(
+      'sweep.positions_missing',
+      'token_reaper.sweep_positions does not exist, so an unfinished sweep cannot be resumed and the next one starts from page 0. Run `token-reaper install` to make it.',
+      { table: qualifiedName(POSITIONS) },
+    );
+  };
+  let lagWarned = false;
+  const warnLagUnreadable = () => {
+    if (lagWarned) return;
+    lagWarned = true;
+    log.warn(
+      'sweep.replica_lag_unreadable',
+      "SWEEP_MAX_REPLICA_LAG is set, but this role cannot read the replicas' positions (it needs pg_monitor), so the sweep does not wait for them. Grant it with `GRANT pg_monitor TO <role>;` or `token-reaper install --role`.",
+      { maxReplicaLagMs: config.sweep.maxReplicaLagMs },
+    );
   };
 
   const logFinished = (outcome: SweepOutcome & { status: 'finished' }) => {
@@ -240,7 +326,8 @@ export function createSweeper({
       'sweep.finished',
       outcome.dryRun
         ? `dry run finished: ${wouldDelete} rows would be deleted`
-        : `sweep ${outcome.interrupted ? 'interrupted' : 'finished'}: ${outcome.deleted} rows deleted in ${outcome.durationMs} ms` +
+        : `sweep ${outcome.interrupted ? 'interrupted' : outcome.partial ? 'ended at SWEEP_MAX_DURATION' : 'finished'}: ${outcome.deleted} rows deleted in ${outcome.durationMs} ms` +
+            (outcome.partial ? '; the next sweep resumes where this one stopped' : '') +
             (outcome.skipped > 0
               ? `; ${outcome.skipped} dead rows locked by other transactions are left for a retry`
               : ''),
@@ -249,9 +336,11 @@ export function createSweeper({
         deleted: outcome.deleted,
         skipped: outcome.skipped,
         durationMs: outcome.durationMs,
+        batchDurationMs: outcome.batchDurationMs,
         tables: outcome.tables,
         ...(outcome.dryRun ? { dryRun: true, wouldDelete } : {}),
         ...(outcome.interrupted ? { interrupted: true } : {}),
+        ...(outcome.partial ? { partial: true } : {}),
       },
     );
   };
@@ -354,6 +443,30 @@ export function createSweeper({
     await current?.done;
   };
 
+  /**
+   * What every walk of one sweep shares: the signal that ends it (a stop, or the end of its
+   * SWEEP_MAX_DURATION window) and the replica gate.
+   */
+  const startWalk = (dryRun: boolean): Walk => {
+    const { maxDurationMs, maxReplicaLagMs } = config.sweep;
+    const signal =
+      maxDurationMs === null
+        ? abort.signal
+        : AbortSignal.any([abort.signal, AbortSignal.timeout(maxDurationMs)]);
+    const gate =
+      maxReplicaLagMs === null || dryRun
+        ? null
+        : createReplicaGate({
+            pool,
+            maxLagMs: maxReplicaLagMs,
+            ownSlot: config.purge.walSlot,
+            logger: log,
+            events,
+            onUnreadable: warnLagUnreadable,
+          });
+    return { dryRun, signal, gate, throttledBy: () => gate?.throttledBy() ?? null };
+  };
+
   const run = async (trigger: SweepTrigger, dryRun: boolean): Promise<SweepOutcome> => {
     const started = performance.now();
     const lockedRanges: LockedRange[] = [];
@@ -374,16 +487,24 @@ export function createSweeper({
           trigger,
           dryRun,
         });
+        const walk = startWalk(dryRun);
         const tables: Record<string, TableSweepResult> = {};
+        const durations: number[] = [];
         let deleted = 0;
         let skipped = 0;
+        let partial = false;
         for (const rule of targets()) {
-          if (abort.signal.aborted) break;
+          if (walk.signal.aborted) {
+            partial = true;
+            break;
+          }
           const tableStarted = performance.now();
           // Described again for every sweep: partitions come and go, tables are converted.
           const shape = await describeTarget(pool, rule, config);
           if (shape === null) continue;
-          const result = await sweepTable(shape, dryRun);
+          const result = await sweepTable(shape, walk);
+          partial ||= !result.complete;
+          durations.push(...result.durations);
           const tableSkipped = rowsIn(result.locked);
           deleted += dryRun ? 0 : result.rows;
           skipped += tableSkipped;
@@ -393,6 +514,9 @@ export function createSweeper({
             skipped: tableSkipped,
             ...(dryRun ? { wouldDelete: result.rows } : {}),
             batches: result.batches,
+            batchDurationMs: distribution(result.durations),
+            ...(result.resumedFromPage > 0 ? { resumedFromPage: result.resumedFromPage } : {}),
+            complete: result.complete,
             partitionsDropped: result.partitions?.partitionsDropped ?? 0,
             durationMs: Math.round(performance.now() - tableStarted),
             ...(result.partitions ? { partitions: result.partitions } : {}),
@@ -403,9 +527,11 @@ export function createSweeper({
           trigger,
           dryRun,
           interrupted: abort.signal.aborted,
+          partial,
           deleted,
           skipped,
           durationMs: elapsed(),
+          batchDurationMs: distribution(durations),
           tables,
         };
       } finally {

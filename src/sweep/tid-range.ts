@@ -1,5 +1,6 @@
-// The default strategy for a plain table: walk the heap once, from page 0 to the size it had
-// when the sweep started, in ranges of `batchPages` pages. Each range is one statement,
+// The default strategy for a plain table: walk the heap once, from page 0 (or where an
+// unfinished walk stopped, positions.ts) to the size it had when the sweep started, in ranges
+// sized to take about SWEEP_BATCH_TARGET_MS each (pacing.ts). Each range is one statement,
 //
 //   DELETE FROM t WHERE ctid >= '(from,0)' AND ctid < '(to,0)' AND <dead predicate>
 //
@@ -36,6 +37,9 @@ import { retryOnDeadlock } from '../db.js';
 import { countDeleted, deleteAroundLockedRows, withinRowLockWait } from '../locked-rows.js';
 import { deadPredicate } from '../predicates.js';
 import { regclassOf, relationIdentifier, type Relation, type TableShape } from '../schema.js';
+import type { Pacer } from './pacing.js';
+import { CHECKPOINT_INTERVAL_MS, type SweepPositions } from './positions.js';
+import type { ReplicaGate } from './replica-lag.js';
 
 export type BatchMode = 'delete' | 'count';
 
@@ -59,7 +63,15 @@ export interface TidRangeWalk {
   shape: TableShape;
   /** The relation walked: the table, or one of its partitions. */
   relation: Relation;
-  batchPages: number;
+  /** Sizes each batch and pauses after it (pacing.ts). */
+  pacer: Pacer;
+  /** Waited for before each batch: the standbys and logical consumers (replica-lag.ts). */
+  gate: ReplicaGate | null;
+  /**
+   * Where an earlier, unfinished walk of this round stopped, and where this one saves how far
+   * it got (positions.ts); null to walk from page 0 and save nothing.
+   */
+  positions: SweepPositions | null;
   /** Workers that claim ranges from one shared cursor, each on its own connection. */
   concurrency: number;
   mode: BatchMode;
@@ -74,7 +86,11 @@ export interface TidRangeWalk {
 export interface TidRangeResult {
   rows: number;
   batches: number;
+  /** The page the walk started from: 0, or where an unfinished walk stopped. */
+  fromPage: number;
   pages: number;
+  /** False when the signal ended it before the last page. */
+  complete: boolean;
 }
 
 export interface TidRange {
@@ -84,7 +100,7 @@ export interface TidRange {
   toPage: number;
 }
 
-const pagesRow = z.object({ pages: z.number() });
+const sizeRow = z.object({ pages: z.number(), filenode: z.number() });
 const countRow = z.object({ count: z.number() });
 const ctidRow = z.object({ ctid: z.string() });
 
@@ -128,15 +144,16 @@ function deleteTidRangeOnce(pool: DatabasePool, range: TidRange) {
 }
 
 export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult> {
-  const { pool, shape, relation, batchPages } = walk;
-  const pages = await pool.oneFirst(sql.type(pagesRow)`
+  const { pool, shape, relation, pacer, gate, positions, signal } = walk;
+  const { pages, filenode } = await pool.one(sql.type(sizeRow)`
     SELECT (pg_relation_size(${regclassOf(relation)})
-            / current_setting('block_size')::int)::int AS pages
+            / current_setting('block_size')::int)::int AS pages,
+           coalesce(pg_relation_filenode(${regclassOf(relation)}), 0)::int8::float8 AS filenode
   `);
-  walk.onStart?.(pages);
+  const fromPage = Math.min(positions?.startOf(relation, filenode)?.nextPage ?? 0, pages);
+  walk.onStart?.(pages - fromPage);
 
-  const runBatch = async (fromPage: number, toPage: number) => {
-    const range = { shape, relation, fromPage, toPage };
+  const runBatch = async (range: TidRange) => {
     if (walk.mode === 'delete') return deleteTidRange(pool, range);
     const rows = await pool.oneFirst(
       sql.type(countRow)`SELECT count(*)::int AS count FROM ${relationIdentifier(relation)}
@@ -145,28 +162,49 @@ export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult>
     return { rows, skipped: 0 };
   };
 
-  let nextPage = 0;
+  // With several workers, ranges finish out of order: the position saved is the end of the
+  // unbroken run of finished ranges from the start, so a resumed walk skips nothing unwalked.
+  const claimed: { toPage: number; done: boolean }[] = [];
+  let walkedTo = fromPage;
+  const advance = () => {
+    while (claimed[0]?.done) walkedTo = claimed.shift()!.toPage;
+  };
+  let savedAt = performance.now();
+  const checkpoint = async () => {
+    if (positions === null) return;
+    savedAt = performance.now();
+    await positions.save(relation, { nextPage: walkedTo, filenode });
+  };
+
+  let nextPage = fromPage;
   let rows = 0;
   let batches = 0;
   let failed = false;
   const worker = async () => {
-    // Claiming a range is synchronous, so workers never overlap without any locking.
-    while (!walk.signal.aborted && !failed && nextPage < pages) {
-      const fromPage = nextPage;
-      const toPage = Math.min(fromPage + batchPages, pages);
-      nextPage = toPage;
+    while (!signal.aborted && !failed && nextPage < pages) {
+      await gate?.wait(signal);
+      if (signal.aborted || failed || nextPage >= pages) break;
+      // Claiming a range is synchronous, so workers never overlap without any locking.
+      const range = {
+        shape,
+        relation,
+        fromPage: nextPage,
+        toPage: Math.min(nextPage + pacer.nextPages(), pages),
+      };
+      nextPage = range.toPage;
+      const claim = { toPage: range.toPage, done: false };
+      claimed.push(claim);
       const started = performance.now();
       try {
-        const batch = await runBatch(fromPage, toPage);
+        const batch = await runBatch(range);
+        const durationMs = performance.now() - started;
         rows += batch.rows;
         batches += 1;
-        walk.onBatch({
-          relation,
-          fromPage,
-          toPage,
-          ...batch,
-          durationMs: Math.round(performance.now() - started),
-        });
+        claim.done = true;
+        advance();
+        walk.onBatch({ ...range, ...batch, durationMs: Math.round(durationMs) });
+        if (performance.now() - savedAt > CHECKPOINT_INTERVAL_MS) await checkpoint();
+        await pacer.finished(range.toPage - range.fromPage, durationMs, signal);
       } catch (error) {
         failed = true;
         throw error;
@@ -180,5 +218,6 @@ export async function walkTidRanges(walk: TidRangeWalk): Promise<TidRangeResult>
   );
   const failure = outcomes.find((outcome) => outcome.status === 'rejected');
   if (failure) throw failure.reason;
-  return { rows, batches, pages };
+  if (walkedTo > fromPage || walkedTo === pages) await checkpoint();
+  return { rows, batches, fromPage, pages, complete: walkedTo >= pages };
 }

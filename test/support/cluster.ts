@@ -26,8 +26,11 @@ export interface Cluster {
   restartAsStandby(): Promise<void>;
   /** Ends recovery: the standby becomes a primary. */
   promote(): Promise<void>;
-  /** A streaming replica of this cluster, made with pg_basebackup -R, started. */
-  replica(): Promise<Cluster>;
+  /**
+   * A streaming replica of this cluster, made with pg_basebackup -R, started with `settings`
+   * (`name=value`) on its command line.
+   */
+  replica(settings?: readonly string[]): Promise<Cluster>;
   dispose(): Promise<void>;
 }
 
@@ -107,7 +110,7 @@ function makeCluster(
     async promote() {
       await pgCtl('-w', '-t', '60', 'promote');
     },
-    async replica() {
+    async replica(replicaSettings: readonly string[] = []) {
       const replicaDirectory = await ownedDirectory('token-reaper-replica-');
       await runBinary(bin, 'pg_basebackup', [
         '-D',
@@ -122,7 +125,7 @@ function makeCluster(
         '-U',
         'postgres',
       ]);
-      const replica = makeCluster(bin, replicaDirectory, await findFreePort());
+      const replica = makeCluster(bin, replicaDirectory, await findFreePort(), replicaSettings);
       await replica.start();
       return replica;
     },

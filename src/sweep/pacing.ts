@@ -1,0 +1,97 @@
+// How fast a sweep walks a table: batches sized by time, a pause after each, and the replica
+// gate before each (replica-lag.ts).
+//
+// A batch is sized in heap pages, but what the auth service feels is its duration: the
+// locks it holds, the WAL it writes in one go. What a page costs varies tenfold between
+// tables (the number of indexes a DELETE must maintain, triggers, how many rows per page are
+// dead), so a fixed page count cannot hold a time budget. The pacer measures each batch and
+// sizes the next to take about SWEEP_BATCH_TARGET_MS. A batch slower than the target shrinks
+// the next one at once, in proportion; a faster one grows it at most twofold, through an
+// average of the cost per page, so that one quick batch over empty pages does not make a
+// huge next batch where the dead rows are. The walk stays a single pass: only the length of
+// the next range changes.
+//
+// After each batch the worker pauses for SWEEP_PAUSE_RATIO times that batch's duration
+// (pt-archiver's --sleep-coef): at 1, the sweep holds a connection busy half the time and
+// leaves the other half to the auth service, whatever the table's cost per page.
+import { setTimeout as delay } from 'node:timers/promises';
+
+/** The smallest and largest batch, in heap pages (8 KiB each by default). */
+export const MIN_BATCH_PAGES = 1;
+export const MAX_BATCH_PAGES = 16_384;
+/** How much of the newest measurement goes into the average cost per page, when growing. */
+const COST_SMOOTHING = 0.5;
+/** The most a batch grows over the one before it. */
+const MAX_GROWTH = 2;
+
+export interface PacingSettings {
+  /** The first batch's size (SWEEP_BATCH_PAGES). */
+  startPages: number;
+  /** SWEEP_BATCH_TARGET_MS. */
+  targetMs: number;
+  /** SWEEP_PAUSE_RATIO. */
+  pauseRatio: number;
+}
+
+export interface BatchDurations {
+  p50: number;
+  p99: number;
+  max: number;
+}
+
+export interface Pacer {
+  /** The pages the next batch should cover. */
+  nextPages(): number;
+  /**
+   * Records a batch of `pages` pages that took `durationMs`, then waits the pause it calls
+   * for, or until `signal` aborts.
+   */
+  finished(pages: number, durationMs: number, signal: AbortSignal): Promise<void>;
+  /** The distribution of the batch durations so far, or null before the first batch. */
+  durations(): BatchDurations | null;
+}
+
+const clampPages = (pages: number) =>
+  Math.min(MAX_BATCH_PAGES, Math.max(MIN_BATCH_PAGES, Math.round(pages)));
+
+/** One per table walk: what a page costs is the table's own. */
+export function createPacer(settings: PacingSettings): Pacer {
+  let pages = clampPages(settings.startPages);
+  let costPerPage: number | null = null;
+  const measured: number[] = [];
+
+  const resize = (batchPages: number, durationMs: number) => {
+    // A batch shorter than the timer's resolution tells only that pages are cheap.
+    const cost = Math.max(durationMs, 0.1) / batchPages;
+    if (durationMs > settings.targetMs || costPerPage === null) {
+      costPerPage = cost;
+    } else {
+      costPerPage = COST_SMOOTHING * cost + (1 - COST_SMOOTHING) * costPerPage;
+    }
+    const fitting = settings.targetMs / costPerPage;
+    pages = clampPages(Math.min(fitting, batchPages * MAX_GROWTH));
+  };
+
+  return {
+    nextPages: () => pages,
+    async finished(batchPages, durationMs, signal) {
+      measured.push(durationMs);
+      resize(batchPages, durationMs);
+      const pauseMs = durationMs * settings.pauseRatio;
+      if (pauseMs >= 1 && !signal.aborted) {
+        await delay(pauseMs, undefined, { signal }).catch(() => undefined);
+      }
+    },
+    durations: () => distribution(measured),
+  };
+}
+
+/** p50, p99 and max of `values`, by the nearest-rank method; null when there are none. */
+export function distribution(values: readonly number[]): BatchDurations | null {
+  if (values.length === 0) return null;
+  const sorted = [...values].sort((a, b) => a - b);
+  const rank = (quantile: number) =>
+    sorted[Math.min(sorted.length - 1, Math.ceil(quantile * sorted.length) - 1)]!;
+  const round = (value: number) => Math.round(value * 10) / 10;
+  return { p50: round(rank(0.5)), p99: round(rank(0.99)), max: round(sorted.at(-1)!) };
+}

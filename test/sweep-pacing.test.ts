@@ -1,0 +1,232 @@
+// The sweep's pacing on a real PostgreSQL: batches sized by their measured duration, and a
+// window (SWEEP_MAX_DURATION) after which the sweep ends, the next resuming where it stopped.
+import { expect } from 'chai';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { SweepOutcome } from '../src/sweep/sweeper.js';
+import { repositoryRoot } from './support/cli.js';
+import type { CapturedLine } from './support/capture-logger.js';
+import { useTestDatabase } from './support/database.js';
+import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
+import { sweeperFor } from './support/sweeper.js';
+import { finishedSweep } from './support/targets.js';
+
+interface BatchLine {
+  fromPage: number;
+  toPage: number;
+}
+
+const batchesOf = (lines: readonly CapturedLine[]) =>
+  lines.map((line) => line as unknown as BatchLine);
+const sizes = (batches: readonly BatchLine[]) =>
+  batches.map((batch) => batch.toPage - batch.fromPage);
+
+describe('the sweep’s pacing', () => {
+  const database = useTestDatabase('sweep_pacing');
+  const cleanup: (() => Promise<void>)[] = [];
+  afterEach(async () => {
+    while (cleanup.length > 0) await cleanup.pop()!();
+  });
+
+  /** A reference refresh-tokens table alone in `schema`, filled with `count` random rows. */
+  async function tokenTable(schema: string, count: number) {
+    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
+    const table = `${schema}.refresh_tokens`;
+    await insertRandomRows(database.current, { table, kind: 'refresh_tokens', count, seed: 0.42 });
+    return table;
+  }
+
+  /** What install makes for positions: the schema and token_reaper.sweep_positions. */
+  async function installPositions() {
+    for (const file of ['001-schema.sql', '008-sweep-positions.sql']) {
+      await database.current.query(await readFile(join(repositoryRoot, 'sql', file), 'utf8'));
+    }
+  }
+
+  const environment = (table: string, settings: Record<string, string> = {}) => ({
+    REFRESH_TOKENS_TABLE: table,
+    PASSWORD_RESETS_TABLE: 'none',
+    SWEEP_PAUSE_RATIO: '0',
+    ...settings,
+  });
+
+  it('grows the batches on a table whose pages are quick to sweep', async () => {
+    const table = await tokenTable('pacing_fast', 30_000);
+    const { sweeper, logs } = await sweeperFor(
+      database.current,
+      environment(table, { SWEEP_BATCH_PAGES: '1', SWEEP_BATCH_TARGET_MS: '50' }),
+      cleanup,
+    );
+    const outcome = finishedSweep(await sweeper.sweep('cli'));
+    const batches = sizes(batchesOf(logs.events('sweep.batch')));
+    expect(batches[0]).to.equal(1);
+    expect(Math.max(...batches)).to.be.at.least(8);
+    // Growth is at most twofold from one batch to the next.
+    for (const [index, pages] of batches.slice(1).entries()) {
+      expect(pages).to.be.at.most(2 * batches[index]!);
+    }
+    const durations = outcome.tables[table]!.batchDurationMs!;
+    expect(durations.p50).to.be.at.most(durations.p99);
+    expect(durations.p99).to.be.at.most(durations.max);
+    expect(outcome.batchDurationMs).to.deep.equal(durations);
+  });
+
+  it('shrinks the batches on a table whose batches are slow, and deletes the same rows', async () => {
+    const table = await tokenTable('pacing_slow', 3_000);
+    // A trigger that makes every DELETE statement take 40 ms, over a target of 20 ms.
+    await database.current.query(`
+      CREATE FUNCTION pacing_slow.slow() RETURNS trigger LANGUAGE plpgsql
+      AS $$ BEGIN PERFORM pg_sleep(0.04); RETURN NULL; END $$;
+      CREATE TRIGGER slow AFTER DELETE ON ${table}
+        FOR EACH STATEMENT EXECUTE FUNCTION pacing_slow.slow();
+    `);
+    const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
+    const { sweeper, logs } = await sweeperFor(
+      database.current,
+      environment(table, { SWEEP_BATCH_PAGES: '16', SWEEP_BATCH_TARGET_MS: '20' }),
+      cleanup,
+    );
+    const outcome = finishedSweep(await sweeper.sweep('cli'));
+    const batches = sizes(batchesOf(logs.events('sweep.batch')));
+    expect(batches[0]).to.equal(16);
+    expect(batches[1]).to.be.below(16);
+    expect(batches.at(-2)).to.equal(1);
+    expect(outcome.tables[table]!.batchDurationMs!.p50).to.be.at.least(40);
+    expect(await allIds(database.current, { table })).to.deep.equal(live);
+  });
+
+  it('pauses after each batch for SWEEP_PAUSE_RATIO times its duration', async () => {
+    const table = await tokenTable('pacing_pause', 3_000);
+    await database.current.query(`
+      CREATE FUNCTION pacing_pause.slow() RETURNS trigger LANGUAGE plpgsql
+      AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$;
+      CREATE TRIGGER slow AFTER DELETE ON ${table}
+        FOR EACH STATEMENT EXECUTE FUNCTION pacing_pause.slow();
+    `);
+    const { sweeper, logs } = await sweeperFor(
+      database.current,
+      environment(table, {
+        SWEEP_BATCH_PAGES: '4',
+        SWEEP_BATCH_TARGET_MS: '1000',
+        SWEEP_PAUSE_RATIO: '3',
+      }),
+      cleanup,
+    );
+    const outcome = finishedSweep(await sweeper.sweep('cli'));
+    const busyMs = logs
+      .events('sweep.batch')
+      .reduce((sum, line) => sum + (line.durationMs as number), 0);
+    // Each batch is followed by a pause of 3× its duration: the sweep lasts about 4× its
+    // batches (the last pause included), and surely more than 3×.
+    expect(outcome.durationMs).to.be.at.least(3 * busyMs);
+  });
+
+  describe('SWEEP_MAX_DURATION', () => {
+    it('ends a sweep as partial; the next resumes from its position, rereads nothing, and together they delete exactly the dead rows', async () => {
+      await installPositions();
+      const table = await tokenTable('pacing_window', 60_000);
+      const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
+      const first = await sweeperFor(
+        database.current,
+        environment(table, {
+          SWEEP_BATCH_PAGES: '2',
+          SWEEP_BATCH_TARGET_MS: '2',
+          SWEEP_PAUSE_RATIO: '4',
+          SWEEP_MAX_DURATION: '400ms',
+        }),
+        cleanup,
+      );
+      const partial = finishedSweep(await first.sweeper.sweep('schedule'));
+      expect(partial).to.include({ partial: true, interrupted: false });
+      expect(partial.tables[table]).to.include({ complete: false });
+      const finishedLine = first.logs.events('sweep.finished')[0]!;
+      expect(finishedLine).to.include({ partial: true });
+      expect(finishedLine.message).to.match(/SWEEP_MAX_DURATION.*resumes/);
+      const walked = batchesOf(first.logs.events('sweep.batch'));
+      const stoppedAt = Math.max(...walked.map((batch) => batch.toPage));
+      const pages = Number(
+        (
+          await database.current.query(
+            `SELECT pg_relation_size('${table}') / current_setting('block_size')::int AS pages`,
+          )
+        )[0]!.pages,
+      );
+      expect(stoppedAt).to.be.above(0).and.below(pages);
+      const saved = await database.current.query(
+        'SELECT target, relation, next_page FROM token_reaper.sweep_positions',
+      );
+      expect(saved).to.deep.equal([{ target: table, relation: table, next_page: stoppedAt }]);
+
+      const second = await sweeperFor(
+        database.current,
+        environment(table, { SWEEP_BATCH_PAGES: '64' }),
+        cleanup,
+      );
+      const rest = finishedSweep(await second.sweeper.sweep('schedule'));
+      expect(rest).to.include({ partial: false });
+      expect(rest.tables[table]).to.include({ complete: true, resumedFromPage: stoppedAt });
+      const resumed = batchesOf(second.logs.events('sweep.batch'));
+      expect(resumed[0]!.fromPage).to.equal(stoppedAt);
+      expect(Math.min(...resumed.map((batch) => batch.fromPage))).to.equal(stoppedAt);
+      expect(Math.max(...resumed.map((batch) => batch.toPage))).to.equal(pages);
+      expect(await allIds(database.current, { table })).to.deep.equal(live);
+      expect(partial.deleted + rest.deleted).to.equal(60_000 - live.size);
+      // The round is complete: the next sweep starts from page 0 again.
+      expect(
+        await database.current.query('SELECT * FROM token_reaper.sweep_positions'),
+      ).to.deep.equal([]);
+      const third = await sweeperFor(database.current, environment(table), cleanup);
+      finishedSweep(await third.sweeper.sweep('schedule'));
+      expect(batchesOf(third.logs.events('sweep.batch'))[0]!.fromPage).to.equal(0);
+    });
+
+    it('starts a table rewritten since the partial sweep from page 0', async () => {
+      await installPositions();
+      const table = await tokenTable('pacing_rewritten', 30_000);
+      const first = await sweeperFor(
+        database.current,
+        environment(table, {
+          SWEEP_BATCH_PAGES: '2',
+          SWEEP_BATCH_TARGET_MS: '2',
+          SWEEP_PAUSE_RATIO: '4',
+          SWEEP_MAX_DURATION: '300ms',
+        }),
+        cleanup,
+      );
+      expect(finishedSweep(await first.sweeper.sweep('schedule'))).to.include({ partial: true });
+      await database.current.query(`VACUUM FULL ${table}`);
+      const second = await sweeperFor(database.current, environment(table), cleanup);
+      const rest = finishedSweep(await second.sweeper.sweep('schedule'));
+      expect(rest.tables[table]).to.not.have.property('resumedFromPage');
+      expect(batchesOf(second.logs.events('sweep.batch'))[0]!.fromPage).to.equal(0);
+    });
+
+    it('sweeps from page 0 with one warning where install has not made the positions table', async () => {
+      const table = await tokenTable('pacing_no_positions', 20_000);
+      const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
+      const { sweeper, logs } = await sweeperFor(
+        database.current,
+        environment(table, {
+          SWEEP_BATCH_PAGES: '2',
+          SWEEP_BATCH_TARGET_MS: '2',
+          SWEEP_PAUSE_RATIO: '4',
+          SWEEP_MAX_DURATION: '300ms',
+        }),
+        cleanup,
+      );
+      const outcomes: SweepOutcome[] = [];
+      outcomes.push(await sweeper.sweep('schedule'), await sweeper.sweep('schedule'));
+      for (const outcome of outcomes) expect(finishedSweep(outcome)).to.include({ partial: true });
+      expect(logs.events('sweep.positions_missing')).to.have.length(1);
+      expect(logs.events('sweep.positions_missing')[0]!.level).to.equal('warn');
+      const starts = logs
+        .events('sweep.batch')
+        .map((line) => line.fromPage)
+        .filter((page) => page === 0);
+      expect(starts).to.have.length(2);
+      // Partial sweeps still delete only dead rows.
+      const remaining = await allIds(database.current, { table });
+      expect([...live].filter((id) => !remaining.has(id))).to.deep.equal([]);
+    });
+  });
+});
