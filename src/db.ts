@@ -564,7 +564,13 @@ function createSettingsDriverFactory(databaseUrl: string, clients: Set<pg.Client
         // connection); for an idle connection, at once.
         let inFlight = 0;
         let deferredError: Error | null = null;
-        const emitError = (error: Error) => clientEventEmitter.emit('error', translate(error));
+        // Nobody listening means slonik has already let the connection go; an 'error' emitted
+        // then would be thrown, an uncaught exception, for a connection that no longer matters.
+        const emitError = (error: Error) => {
+          if (clientEventEmitter.listenerCount('error') > 0) {
+            clientEventEmitter.emit('error', translate(error));
+          }
+        };
         client.on('error', (error) => {
           if (inFlight > 0) deferredError ??= error;
           else emitError(error);
