@@ -16,6 +16,14 @@ const ROWS = 200;
 const UTC_NOW = `(now() AT TIME ZONE 'UTC')`;
 /** A random offset of 2 minutes to 10 days, either side, as an interval. */
 const OFFSET = `make_interval(secs => (CASE WHEN random() < 0.5 THEN -1 ELSE 1 END) * (120 + random() * 864000))`;
+/**
+ * An age of up to `oldest` seconds, as an interval, but never within 2 minutes of `lifetime`:
+ * a row created that long ago expires while the test runs, between the oracle and the sweep.
+ */
+const awayFromExpiry = (lifetime: number, oldest: number) =>
+  `make_interval(secs => CASE WHEN random() < 0.5
+     THEN random() * ${lifetime - 120}
+     ELSE ${lifetime + 120} + random() * ${oldest - lifetime - 120} END)`;
 
 interface PresetCase {
   preset: string;
@@ -48,7 +56,7 @@ const CASES: PresetCase[] = [
       })),
       {
         table: 'password_reset_tokens',
-        values: { created_at: `${UTC_NOW} - make_interval(secs => random() * 7200)` },
+        values: { created_at: `${UTC_NOW} - ${awayFromExpiry(3600, 7200)}` },
       },
     ],
     // PurgeCommand.php (no flags, --hours=168) and DatabaseTokenRepository::deleteExpired().
@@ -99,7 +107,7 @@ const CASES: PresetCase[] = [
       {
         table: 'oauth_access_tokens',
         values: {
-          created_at: `${UTC_NOW} - make_interval(secs => random() * 14400)`,
+          created_at: `${UTC_NOW} - ${awayFromExpiry(7200, 14400)}`,
           expires_in: 'CASE WHEN random() < 0.1 THEN NULL ELSE 7200 END',
           refresh_token: `CASE WHEN random() < 0.5 THEN NULL ELSE md5(random()::text || g) END`,
           revoked_at: `CASE WHEN random() < 0.3 THEN ${UTC_NOW} + ${OFFSET} END`,
@@ -108,7 +116,7 @@ const CASES: PresetCase[] = [
       {
         table: 'oauth_access_grants',
         values: {
-          created_at: `${UTC_NOW} - make_interval(secs => random() * 1200)`,
+          created_at: `${UTC_NOW} - ${awayFromExpiry(600, 1200)}`,
           expires_in: '600',
           revoked_at: `CASE WHEN random() < 0.3 THEN ${UTC_NOW} + ${OFFSET} END`,
         },
@@ -140,7 +148,7 @@ const CASES: PresetCase[] = [
         table: 'auth.refresh_tokens',
         values: {
           revoked: 'CASE WHEN random() < 0.1 THEN NULL ELSE random() < 0.4 END',
-          updated_at: 'now() - make_interval(secs => random() * 172800)',
+          updated_at: `now() - ${awayFromExpiry(86400, 172800)}`,
           session_id: '(SELECT id FROM auth.sessions WHERE g > 0 ORDER BY random() LIMIT 1)',
         },
       },

@@ -4,6 +4,7 @@
 import { expect } from 'chai';
 import pg from 'pg';
 import type { SweepProgressEvent, SweepThrottleEvent } from '../src/events.js';
+import { createMetrics } from '../src/metrics.js';
 import { waitFor } from './support/cli.js';
 import { createCluster, type Cluster } from './support/cluster.js';
 import { databaseUrl, useTestDatabase } from './support/database.js';
@@ -93,6 +94,13 @@ describe('SWEEP_MAX_REPLICA_LAG', function () {
     await onServer(standby!.url, (client) => client.query('SELECT pg_wal_replay_pause()'));
 
     const { sweeper, logs, events } = await sweeperFor(database.current, settings(table), cleanup);
+    const metrics = createMetrics(events, {
+      readiness: () => ({ ready: true, reasons: [], problems: [] }),
+      defaultMetrics: false,
+    });
+    cleanup.push(async () => metrics.close());
+    const gauge = async () =>
+      (await metrics.registry.getSingleMetricAsString('token_reaper_sweep_throttled')).trim();
     const progress: SweepProgressEvent[] = [];
     const throttles: SweepThrottleEvent[] = [];
     events.on('progress', (event) => progress.push(event));
@@ -121,6 +129,7 @@ describe('SWEEP_MAX_REPLICA_LAG', function () {
     expect(await rowCount(table)).to.equal(rows);
     expect(logs.events('sweep.throttled')).to.have.length(1);
     expect(throttles).to.deep.include({ ...throttles[0]!, throttled: true });
+    expect(await gauge()).to.match(/\ntoken_reaper_sweep_throttled 1$/);
 
     await onServer(standby!.url, (client) => client.query('SELECT pg_wal_replay_resume()'));
     const outcome = finishedSweep(await running);
@@ -128,6 +137,7 @@ describe('SWEEP_MAX_REPLICA_LAG', function () {
     expect(logs.events('sweep.unthrottled')).to.have.length.at.least(1);
     expect(logs.events('sweep.batch').length).to.be.above(batches);
     expect(throttles.at(-1)).to.include({ throttled: false });
+    expect(await gauge()).to.match(/\ntoken_reaper_sweep_throttled 0$/);
     expect(await allIds(database.current, { table })).to.deep.equal(live);
   });
 
