@@ -1,14 +1,11 @@
 // The sweep's pacing on a real PostgreSQL: batches sized by their measured duration, and a
 // window (SWEEP_MAX_DURATION) after which the sweep ends, the next resuming where it stopped.
 import { expect } from 'chai';
-import { readFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import type { SweepOutcome } from '../src/sweep/sweeper.js';
-import { repositoryRoot } from './support/cli.js';
 import type { CapturedLine } from './support/capture-logger.js';
 import { useTestDatabase } from './support/database.js';
 import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
-import { sweeperFor } from './support/sweeper.js';
+import { installSweepPositions, sweeperFor } from './support/sweeper.js';
 import { finishedSweep } from './support/targets.js';
 
 interface BatchLine {
@@ -34,13 +31,6 @@ describe('the sweep’s pacing', () => {
     const table = `${schema}.refresh_tokens`;
     await insertRandomRows(database.current, { table, kind: 'refresh_tokens', count, seed: 0.42 });
     return table;
-  }
-
-  /** What install makes for positions: the schema and token_reaper.sweep_positions. */
-  async function installPositions() {
-    for (const file of ['001-schema.sql', '008-sweep-positions.sql']) {
-      await database.current.query(await readFile(join(repositoryRoot, 'sql', file), 'utf8'));
-    }
   }
 
   const environment = (table: string, settings: Record<string, string> = {}) => ({
@@ -73,12 +63,12 @@ describe('the sweep’s pacing', () => {
 
   it('shrinks the batches on a table whose batches are slow, and deletes the same rows', async () => {
     const table = await tokenTable('pacing_slow', 3_000);
-    // A trigger that makes every DELETE statement take 40 ms, over a target of 20 ms.
+    // A trigger that makes every deleted row cost 1 ms: a 16-page batch takes hundreds.
     await database.current.query(`
       CREATE FUNCTION pacing_slow.slow() RETURNS trigger LANGUAGE plpgsql
-      AS $$ BEGIN PERFORM pg_sleep(0.04); RETURN NULL; END $$;
+      AS $$ BEGIN PERFORM pg_sleep(0.001); RETURN NULL; END $$;
       CREATE TRIGGER slow AFTER DELETE ON ${table}
-        FOR EACH STATEMENT EXECUTE FUNCTION pacing_slow.slow();
+        FOR EACH ROW EXECUTE FUNCTION pacing_slow.slow();
     `);
     const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
     const { sweeper, logs } = await sweeperFor(
@@ -91,8 +81,43 @@ describe('the sweep’s pacing', () => {
     expect(batches[0]).to.equal(16);
     expect(batches[1]).to.be.below(16);
     expect(batches.at(-2)).to.equal(1);
-    expect(outcome.tables[table]!.batchDurationMs!.p50).to.be.at.least(40);
+    expect(outcome.tables[table]!.batchDurationMs!.max).to.be.above(100);
     expect(await allIds(database.current, { table })).to.deep.equal(live);
+  });
+
+  it('does not shrink the batches for a cost every batch has whatever its size', async () => {
+    const table = await tokenTable('pacing_fixed', 20_000);
+    // Every DELETE statement takes 30 ms, over the target of 20 ms, however few its pages:
+    // smaller batches would be no faster, only more.
+    await database.current.query(`
+      CREATE FUNCTION pacing_fixed.slow() RETURNS trigger LANGUAGE plpgsql
+      AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$;
+      CREATE TRIGGER slow AFTER DELETE ON ${table}
+        FOR EACH STATEMENT EXECUTE FUNCTION pacing_fixed.slow();
+    `);
+    const { sweeper, logs } = await sweeperFor(
+      database.current,
+      environment(table, { SWEEP_BATCH_PAGES: '4', SWEEP_BATCH_TARGET_MS: '20' }),
+      cleanup,
+    );
+    finishedSweep(await sweeper.sweep('cli'));
+    const batches = sizes(batchesOf(logs.events('sweep.batch')));
+    // The first batches shrink, until sizes differ enough to tell the fixed cost apart; then
+    // they grow past the first one, and keep growing (e.g. 4, 2, 1, 2, 3, 6, 12, 24, 46, 82).
+    expect(batches.at(-2)).to.be.above(8);
+    expect(Math.max(...batches)).to.be.above(16);
+  });
+
+  it('keeps every batch at SWEEP_BATCH_PAGES with SWEEP_BATCH_TARGET_MS=0', async () => {
+    const table = await tokenTable('pacing_fixed_size', 20_000);
+    const { sweeper, logs } = await sweeperFor(
+      database.current,
+      environment(table, { SWEEP_BATCH_PAGES: '7', SWEEP_BATCH_TARGET_MS: '0' }),
+      cleanup,
+    );
+    finishedSweep(await sweeper.sweep('cli'));
+    const batches = sizes(batchesOf(logs.events('sweep.batch')));
+    expect(new Set(batches.slice(0, -1))).to.deep.equal(new Set([7]));
   });
 
   it('pauses after each batch for SWEEP_PAUSE_RATIO times its duration', async () => {
@@ -123,7 +148,7 @@ describe('the sweep’s pacing', () => {
 
   describe('SWEEP_MAX_DURATION', () => {
     it('ends a sweep as partial; the next resumes from its position, rereads nothing, and together they delete exactly the dead rows', async () => {
-      await installPositions();
+      await installSweepPositions(database.current);
       const table = await tokenTable('pacing_window', 60_000);
       const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
       const first = await sweeperFor(
@@ -181,7 +206,7 @@ describe('the sweep’s pacing', () => {
     });
 
     it('starts a table rewritten since the partial sweep from page 0', async () => {
-      await installPositions();
+      await installSweepPositions(database.current);
       const table = await tokenTable('pacing_rewritten', 30_000);
       const first = await sweeperFor(
         database.current,
@@ -202,6 +227,7 @@ describe('the sweep’s pacing', () => {
     });
 
     it('sweeps from page 0 with one warning where install has not made the positions table', async () => {
+      await database.current.query('DROP SCHEMA IF EXISTS token_reaper CASCADE');
       const table = await tokenTable('pacing_no_positions', 20_000);
       const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
       const { sweeper, logs } = await sweeperFor(
@@ -217,8 +243,10 @@ describe('the sweep’s pacing', () => {
       const outcomes: SweepOutcome[] = [];
       outcomes.push(await sweeper.sweep('schedule'), await sweeper.sweep('schedule'));
       for (const outcome of outcomes) expect(finishedSweep(outcome)).to.include({ partial: true });
-      expect(logs.events('sweep.positions_missing')).to.have.length(1);
-      expect(logs.events('sweep.positions_missing')[0]!.level).to.equal('warn');
+      const warnings = logs.events('sweep.positions_unavailable');
+      expect(warnings).to.have.length(1);
+      expect(warnings[0]!.level).to.equal('warn');
+      expect(warnings[0]!.message).to.match(/does not exist \(run `token-reaper install`\)/);
       const starts = logs
         .events('sweep.batch')
         .map((line) => line.fromPage)

@@ -11,6 +11,13 @@
 // huge next batch where the dead rows are. The walk stays a single pass: only the length of
 // the next range changes.
 //
+// A batch also has a cost that does not depend on its size: its round trips, which a server
+// in another zone makes long. Blamed on the pages, it would shrink every batch to one page
+// and make the sweep no gentler, only endless. So the pacer fits the recent batches to
+// `fixed + perPage × pages` (least squares), sizes the pages for what the target leaves
+// after the fixed part, and leaves them at least half the target when the fixed part alone
+// takes it all. SWEEP_BATCH_TARGET_MS=0 turns sizing off: every batch is SWEEP_BATCH_PAGES.
+//
 // After each batch the worker pauses for SWEEP_PAUSE_RATIO times that batch's duration
 // (pt-archiver's --sleep-coef): at 1, the sweep holds a connection busy half the time and
 // leaves the other half to the auth service, whatever the table's cost per page.
@@ -23,11 +30,13 @@ export const MAX_BATCH_PAGES = 16_384;
 const COST_SMOOTHING = 0.5;
 /** The most a batch grows over the one before it. */
 const MAX_GROWTH = 2;
+/** The recent batches the fixed cost is fitted on. */
+const FIT_WINDOW = 16;
 
 export interface PacingSettings {
   /** The first batch's size (SWEEP_BATCH_PAGES). */
   startPages: number;
-  /** SWEEP_BATCH_TARGET_MS. */
+  /** SWEEP_BATCH_TARGET_MS; 0 for batches of startPages pages each. */
   targetMs: number;
   /** SWEEP_PAUSE_RATIO. */
   pauseRatio: number;
@@ -54,29 +63,58 @@ export interface Pacer {
 const clampPages = (pages: number) =>
   Math.min(MAX_BATCH_PAGES, Math.max(MIN_BATCH_PAGES, Math.round(pages)));
 
+/**
+ * The part of a batch's duration that does not depend on its size, fitted by least squares on
+ * `recent` batches: 0 until their sizes differ enough to tell, and never more than the
+ * quickest of them took.
+ */
+export function fixedCostMs(recent: readonly { pages: number; ms: number }[]): number {
+  if (recent.length < 3) return 0;
+  const pages = recent.map((batch) => batch.pages);
+  if (Math.max(...pages) < 1.5 * Math.min(...pages)) return 0;
+  const meanPages = pages.reduce((sum, value) => sum + value, 0) / recent.length;
+  const meanMs = recent.reduce((sum, batch) => sum + batch.ms, 0) / recent.length;
+  let covariance = 0;
+  let variance = 0;
+  for (const batch of recent) {
+    covariance += (batch.pages - meanPages) * (batch.ms - meanMs);
+    variance += (batch.pages - meanPages) ** 2;
+  }
+  const perPage = Math.max(0, covariance / variance);
+  const intercept = meanMs - perPage * meanPages;
+  return Math.min(Math.max(0, intercept), ...recent.map((batch) => batch.ms));
+}
+
 /** One per table walk: what a page costs is the table's own. */
 export function createPacer(settings: PacingSettings): Pacer {
-  let pages = clampPages(settings.startPages);
+  const sizing = settings.targetMs > 0;
+  let pages = sizing ? clampPages(settings.startPages) : settings.startPages;
   let costPerPage: number | null = null;
+  let fixedMs = 0;
+  const recent: { pages: number; ms: number }[] = [];
   const measured: number[] = [];
 
   const resize = (batchPages: number, durationMs: number) => {
+    recent.push({ pages: batchPages, ms: durationMs });
+    if (recent.length > FIT_WINDOW) recent.shift();
+    // Kept while the sizes are too alike to fit again: a settled walk must not lose it.
+    fixedMs = fixedCostMs(recent) || fixedMs;
+    const budget = Math.max(settings.targetMs - fixedMs, settings.targetMs / 2);
     // A batch shorter than the timer's resolution tells only that pages are cheap.
-    const cost = Math.max(durationMs, 0.1) / batchPages;
+    const cost = Math.max(durationMs - fixedMs, 0.05 * durationMs, 0.1) / batchPages;
     if (durationMs > settings.targetMs || costPerPage === null) {
       costPerPage = cost;
     } else {
       costPerPage = COST_SMOOTHING * cost + (1 - COST_SMOOTHING) * costPerPage;
     }
-    const fitting = settings.targetMs / costPerPage;
-    pages = clampPages(Math.min(fitting, batchPages * MAX_GROWTH));
+    pages = clampPages(Math.min(budget / costPerPage, batchPages * MAX_GROWTH));
   };
 
   return {
     nextPages: () => pages,
     async finished(batchPages, durationMs, signal) {
       measured.push(durationMs);
-      resize(batchPages, durationMs);
+      if (sizing) resize(batchPages, durationMs);
       const pauseMs = durationMs * settings.pauseRatio;
       if (pauseMs >= 1 && !signal.aborted) {
         await delay(pauseMs, undefined, { signal }).catch(() => undefined);

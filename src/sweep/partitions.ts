@@ -32,6 +32,7 @@ import { instantOfBoundText, instantOfValue, type TimeReading } from '../targets
 import { retryOnLockTimeout } from '../retry.js';
 import { deleteMarkedRows } from './marked-rows.js';
 import type { Pacer } from './pacing.js';
+import type { SweepPositions } from './positions.js';
 import type { ReplicaGate } from './replica-lag.js';
 import { walkTidRanges, type BatchReport } from './tid-range.js';
 
@@ -80,6 +81,8 @@ export interface PartitionSweep {
   config: PartitionConfig;
   pacer: Pacer;
   gate: ReplicaGate | null;
+  /** Where an unfinished walk of the current and default partitions stopped (positions.ts). */
+  positions: SweepPositions | null;
   concurrency: number;
   dryRun: boolean;
   signal: AbortSignal;
@@ -281,8 +284,7 @@ export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionS
         relation: partition,
         pacer: sweep.pacer,
         gate: sweep.gate,
-        // Partitions come and go between sweeps: their walks start from 0.
-        positions: null,
+        positions: sweep.positions,
         concurrency: sweep.concurrency,
         mode,
         signal,

@@ -15,8 +15,9 @@
 //
 // Positions are an optimisation, never a condition of correctness: every batch re-checks the
 // dead rule, so a lost position only re-reads pages. A database where install has not made
-// the table yet (an upgrade without `install`) sweeps from 0 every time, after one warning.
-import { sql, type DatabasePool } from 'slonik';
+// the table yet (an upgrade without `install`), or a role made before it, sweeps from 0 every
+// time, after one warning.
+import { sql, type DatabasePool, type QuerySqlToken } from 'slonik';
 import { z } from 'zod';
 import { serializeError } from '../logger.js';
 import { qualifiedName, type Relation, type TableShape } from '../schema.js';
@@ -25,7 +26,11 @@ export const POSITIONS: Relation = { schema: 'token_reaper', name: 'sweep_positi
 /** How often a long walk saves how far it got, for a restart in its middle. */
 export const CHECKPOINT_INTERVAL_MS = 30_000;
 
-const UNDEFINED_TABLE = '42P01';
+/** The errors that mean the positions cannot be used, not that the database is in trouble. */
+const UNAVAILABLE: Record<string, string> = {
+  '42P01': 'does not exist (run `token-reaper install`)',
+  '42501': 'may not be read by this role (run `token-reaper install --role` again)',
+};
 
 const positionRow = z.object({ relation: z.string(), filenode: z.number(), nextPage: z.number() });
 
@@ -45,13 +50,15 @@ export interface SweepPositions {
 }
 
 /**
- * The positions of `shape`'s round, or null when the table for them is missing (reported to
- * `onMissing`): the walk then starts from 0 and saves nothing.
+ * The positions of `shape`'s round, or null when they cannot be read: the walk then starts
+ * from 0. A missing table, a role without the right to it, or a failed save is reported to
+ * `onUnavailable` with the reason, and never fails the sweep; after a failed save the walk
+ * saves nothing more.
  */
 export async function readPositions(
   pool: DatabasePool,
   shape: TableShape,
-  onMissing: () => void,
+  onUnavailable: (reason: string, error: unknown) => void,
 ): Promise<SweepPositions | null> {
   const target = qualifiedName(shape.relation);
   let rows: readonly z.infer<typeof positionRow>[];
@@ -61,19 +68,30 @@ export async function readPositions(
       FROM token_reaper.sweep_positions WHERE target = ${target}
     `);
   } catch (error) {
-    if (serializeError(error).code !== UNDEFINED_TABLE) throw error;
-    onMissing();
+    const reason = UNAVAILABLE[serializeError(error).code ?? ''];
+    if (reason === undefined) throw error;
+    onUnavailable(reason, error);
     return null;
   }
   const positions = new Map(rows.map((row) => [row.relation, row]));
   let saved = false;
+  let failed = false;
+  const write = async (statement: QuerySqlToken) => {
+    if (failed) return;
+    try {
+      await pool.query(statement);
+    } catch (error) {
+      failed = true;
+      onUnavailable('could not be written', error);
+    }
+  };
   return {
     startOf(relation, filenode) {
       const position = positions.get(qualifiedName(relation));
       return position && position.filenode === filenode ? position : null;
     },
     async save(relation, position) {
-      await pool.query(sql.unsafe`
+      await write(sql.unsafe`
         INSERT INTO token_reaper.sweep_positions (target, relation, filenode, next_page)
         VALUES (${target}, ${qualifiedName(relation)}, ${position.filenode}, ${position.nextPage})
         ON CONFLICT (target, relation) DO UPDATE
@@ -83,9 +101,7 @@ export async function readPositions(
     },
     async complete() {
       if (positions.size === 0 && !saved) return;
-      await pool.query(
-        sql.unsafe`DELETE FROM token_reaper.sweep_positions WHERE target = ${target}`,
-      );
+      await write(sql.unsafe`DELETE FROM token_reaper.sweep_positions WHERE target = ${target}`);
     },
   };
 }

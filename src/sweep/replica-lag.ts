@@ -17,7 +17,11 @@
 // writes nothing else, a pause may outlast the lag by up to that interval.
 //
 // Disconnected standbys and inactive slots are not waited for: nobody knows when they come
-// back, and a sweep that waits for them never ends. The daemon's own slot (PURGE_WAL_SLOT) is
+// back, and a sweep that waits for them never ends. For the same reason a pause gives up
+// after MAX_PAUSE_MS (or three times the limit, if longer) and ends the sweep as partial,
+// the next one resuming where it stopped: a standby whose replay was paused by hand, or one
+// delayed on purpose (recovery_min_apply_delay over the limit), is always behind, and a
+// sweep held for good would keep the sweep lock, and every later sweep, from running. The daemon's own slot (PURGE_WAL_SLOT) is
 // left out too: it acknowledges once a second by design, and the sweep's deletes are not in
 // its publication.
 //
@@ -32,6 +36,8 @@ import type { Logger } from '../logger.js';
 
 /** A fresh reading for every batch would cost more than it tells: a few a second suffice. */
 export const READ_INTERVAL_MS = 200;
+/** The longest pause before the sweep gives up and ends as partial (see above). */
+export const MAX_PAUSE_MS = 15 * 60_000;
 /** Samples of the primary's position older than this are dropped. */
 const SAMPLE_HISTORY_MS = 10 * 60_000;
 
@@ -73,6 +79,10 @@ export interface ReplicaGateSettings {
   events: ReaperEvents;
   /** Called when the role cannot read the lag; the gate then stays open for this sweep. */
   onUnreadable: () => void;
+  /** A pause longer than this gives up: onGaveUp is called, and the wait ends. */
+  maxPauseMs: number;
+  /** The sweeper ends the sweep as partial: one stuck standby must not hold it for good. */
+  onGaveUp: (lag: ReplicaLag, pausedMs: number) => void;
 }
 
 export function createReplicaGate(settings: ReplicaGateSettings): ReplicaGate {
@@ -141,41 +151,51 @@ export function createReplicaGate(settings: ReplicaGateSettings): ReplicaGate {
 
   const waitUntilCaughtUp = async (signal: AbortSignal) => {
     let paused: { since: number; lag: ReplicaLag } | null = null;
-    while (!signal.aborted) {
-      readAt = performance.now();
-      const lag = over(await read());
-      if (lag === null) break;
-      throttled = lag;
-      if (paused === null) {
-        paused = { since: performance.now(), lag };
-        logger.warn(
-          'sweep.throttled',
-          `the sweep pauses: ${lag.source} is ${lag.lagMs} ms behind, over SWEEP_MAX_REPLICA_LAG (${maxLagMs} ms)`,
-          { ...lag, maxLagMs },
-        );
-        events.emit('sweepThrottle', { throttled: true, ...lag });
+    try {
+      while (!signal.aborted) {
+        readAt = performance.now();
+        const lag = over(await read());
+        if (lag === null) break;
+        throttled = lag;
+        if (paused === null) {
+          paused = { since: performance.now(), lag };
+          logger.warn(
+            'sweep.throttled',
+            `the sweep pauses: ${lag.source} is ${lag.lagMs} ms behind, over SWEEP_MAX_REPLICA_LAG (${maxLagMs} ms)`,
+            { ...lag, maxLagMs },
+          );
+          events.emit('sweepThrottle', { throttled: true, ...lag });
+        }
+        if (performance.now() - paused.since > settings.maxPauseMs) {
+          settings.onGaveUp(lag, Math.round(performance.now() - paused.since));
+          return;
+        }
+        await delay(READ_INTERVAL_MS, undefined, { signal }).catch(() => undefined);
       }
-      await delay(READ_INTERVAL_MS, undefined, { signal }).catch(() => undefined);
-    }
-    throttled = null;
-    if (paused !== null) {
-      const pausedMs = Math.round(performance.now() - paused.since);
-      events.emit('sweepThrottle', { throttled: false, ...paused.lag, pausedMs });
-      if (signal.aborted) return;
-      logger.info(
-        'sweep.unthrottled',
-        `the sweep goes on after a pause of ${pausedMs} ms for ${paused.lag.source}`,
-        { source: paused.lag.source, pausedMs },
-      );
+    } finally {
+      throttled = null;
+      if (paused !== null) {
+        const pausedMs = Math.round(performance.now() - paused.since);
+        events.emit('sweepThrottle', { throttled: false, ...paused.lag, pausedMs });
+        if (!signal.aborted) {
+          logger.info(
+            'sweep.unthrottled',
+            `the sweep goes on after a pause of ${pausedMs} ms for ${paused.lag.source}`,
+            { source: paused.lag.source, pausedMs },
+          );
+        }
+      }
     }
   };
 
-  // Concurrent workers share one wait, and so one reading and one `sweep.throttled` line.
+  // Concurrent workers share one wait, and so one reading and one `sweep.throttled` line; a
+  // worker that comes while another waits waits too.
   let waiting: Promise<void> | null = null;
   return {
     wait(signal) {
+      if (waiting !== null) return waiting;
       if (unreadable || performance.now() - readAt < READ_INTERVAL_MS) return Promise.resolve();
-      waiting ??= waitUntilCaughtUp(signal).finally(() => {
+      waiting = waitUntilCaughtUp(signal).finally(() => {
         waiting = null;
       });
       return waiting;

@@ -33,7 +33,12 @@ import { sweepPartitions, type PartitionReport } from './partitions.js';
 import { trackProgress, type ProgressTracker } from './progress.js';
 import { createPacer, distribution, type BatchDurations } from './pacing.js';
 import { POSITIONS, readPositions } from './positions.js';
-import { createReplicaGate, type ReplicaGate, type ReplicaLag } from './replica-lag.js';
+import {
+  createReplicaGate,
+  MAX_PAUSE_MS,
+  type ReplicaGate,
+  type ReplicaLag,
+} from './replica-lag.js';
 import {
   deleteTidRange,
   walkTidRanges,
@@ -76,10 +81,12 @@ export type SweepOutcome =
       /** True when a stop request ended the sweep between batches. */
       interrupted: boolean;
       /**
-       * True when the sweep ended before walking everything, at SWEEP_MAX_DURATION or a stop:
-       * the next sweep resumes each table where this one stopped.
+       * True when the sweep ended before walking everything: the next sweep resumes each
+       * table where this one stopped.
        */
       partial: boolean;
+      /** Why, when partial: a stop, the SWEEP_MAX_DURATION window, or a replica lagging too long. */
+      endedBy?: SweepEnd;
       deleted: number;
       /** Dead rows left locked, in all tables; retried after the sweep. */
       skipped: number;
@@ -124,12 +131,26 @@ export const LOCKED_ROWS_RETRY: LockedRowsRetry = {
   periodMs: 5 * 60_000,
 };
 
-/** One sweep's walks: dry or not, the signal that ends them, the replica gate. */
+/** Why a sweep ended before walking everything. */
+export type SweepEnd = 'stop' | 'max_duration' | 'replica_lag';
+
+const ENDINGS: Record<SweepEnd | 'complete', string> = {
+  complete: 'finished',
+  stop: 'interrupted',
+  max_duration: 'ended at SWEEP_MAX_DURATION',
+  replica_lag: 'ended by a replica that stayed behind',
+};
+
+/** One sweep's walks: dry or not, the signal that ends them and why, the replica gate. */
 interface Walk {
   dryRun: boolean;
   signal: AbortSignal;
+  /** Why the signal ended the walk, or null while it has not. */
+  ended: () => SweepEnd | null;
   gate: ReplicaGate | null;
   throttledBy: () => ReplicaLag | null;
+  /** Clears the window's timer and lets go of the stop signal. */
+  close: () => void;
 }
 
 /** A page range whose batch left `rows` dead rows locked. */
@@ -159,6 +180,11 @@ export interface SweeperDependencies {
   events?: ReaperEvents;
   lockedRowsRetry?: LockedRowsRetry;
   /**
+   * SWEEP_MAX_REPLICA_LAG: how long one pause may last before the sweep ends as partial;
+   * default the longer of MAX_PAUSE_MS and three times the limit.
+   */
+  maxReplicaPauseMs?: number;
+  /**
    * The rules to sweep, read at each sweep; default config.targets. A daemon passes its rules
    * pinned to the tables it resolved at start (schema.ts, pinnedRule).
    */
@@ -174,6 +200,7 @@ export function createSweeper({
   logger,
   events = createReaperEvents(),
   lockedRowsRetry = LOCKED_ROWS_RETRY,
+  maxReplicaPauseMs,
   targets = () => config.targets,
 }: SweeperDependencies): Sweeper {
   const log = logger.child('sweep');
@@ -251,24 +278,29 @@ export function createSweeper({
       concurrency: config.sweep.concurrency,
       signal: walk.signal,
     };
+    // A dry run reads everything and moves no position.
+    const positions = walk.dryRun
+      ? null
+      : await readPositions(pool, shape, warnPositionsUnavailable);
     if (shape.partitionedByExpiry) {
       const partitions = await sweepPartitions({
         ...settings,
         shape,
+        positions,
         config: config.sweep.partitions,
         dryRun: walk.dryRun,
         logger,
       });
+      const complete = !walk.signal.aborted;
+      if (complete) await positions?.complete();
       return {
         rows: partitions.rows,
         batches: partitions.batches,
         partitions: partitions.report,
-        complete: !walk.signal.aborted,
+        complete,
         resumedFromPage: 0,
       };
     }
-    // A dry run reads everything and moves no position.
-    const positions = walk.dryRun ? null : await readPositions(pool, shape, warnPositionsMissing);
     let rows = 0;
     let batches = 0;
     let complete = true;
@@ -297,13 +329,13 @@ export function createSweeper({
   // Both warnings come once per process: the fix is an install, and a sweep every night
   // repeating it would bury other lines.
   let positionsWarned = false;
-  const warnPositionsMissing = () => {
+  const warnPositionsUnavailable = (reason: string, error: unknown) => {
     if (positionsWarned) return;
     positionsWarned = true;
     log.warn(
-      'sweep.positions_missing',
-      'token_reaper.sweep_positions does not exist, so an unfinished sweep cannot be resumed and the next one starts from page 0. Run `token-reaper install` to make it.',
-      { table: qualifiedName(POSITIONS) },
+      'sweep.positions_unavailable',
+      `${qualifiedName(POSITIONS)} ${reason}, so an unfinished sweep cannot be resumed and the next one starts again from page 0`,
+      { table: qualifiedName(POSITIONS), reason, error },
     );
   };
   let lagWarned = false;
@@ -312,7 +344,7 @@ export function createSweeper({
     lagWarned = true;
     log.warn(
       'sweep.replica_lag_unreadable',
-      "SWEEP_MAX_REPLICA_LAG is set, but this role cannot read the replicas' positions (it needs pg_monitor), so the sweep does not wait for them. Grant it with `GRANT pg_monitor TO <role>;` or `token-reaper install --role`.",
+      "SWEEP_MAX_REPLICA_LAG is set, but this role cannot read the replicas' positions (it needs pg_read_all_stats, part of pg_monitor), so the sweep does not wait for them. Grant it with `GRANT pg_read_all_stats TO <role>;`, or run `token-reaper install --role` with SWEEP_MAX_REPLICA_LAG set.",
       { maxReplicaLagMs: config.sweep.maxReplicaLagMs },
     );
   };
@@ -326,7 +358,7 @@ export function createSweeper({
       'sweep.finished',
       outcome.dryRun
         ? `dry run finished: ${wouldDelete} rows would be deleted`
-        : `sweep ${outcome.interrupted ? 'interrupted' : outcome.partial ? 'ended at SWEEP_MAX_DURATION' : 'finished'}: ${outcome.deleted} rows deleted in ${outcome.durationMs} ms` +
+        : `sweep ${ENDINGS[outcome.endedBy ?? 'complete']}: ${outcome.deleted} rows deleted in ${outcome.durationMs} ms` +
             (outcome.partial ? '; the next sweep resumes where this one stopped' : '') +
             (outcome.skipped > 0
               ? `; ${outcome.skipped} dead rows locked by other transactions are left for a retry`
@@ -340,7 +372,7 @@ export function createSweeper({
         tables: outcome.tables,
         ...(outcome.dryRun ? { dryRun: true, wouldDelete } : {}),
         ...(outcome.interrupted ? { interrupted: true } : {}),
-        ...(outcome.partial ? { partial: true } : {}),
+        ...(outcome.partial ? { partial: true, endedBy: outcome.endedBy } : {}),
       },
     );
   };
@@ -444,15 +476,26 @@ export function createSweeper({
   };
 
   /**
-   * What every walk of one sweep shares: the signal that ends it (a stop, or the end of its
-   * SWEEP_MAX_DURATION window) and the replica gate.
+   * What every walk of one sweep shares: the signal that ends it (a stop, the end of its
+   * SWEEP_MAX_DURATION window, or a replica that stays behind too long) and the replica gate.
+   * Its own controller and timer, not AbortSignal.any with AbortSignal.timeout: Node holds
+   * the sources of AbortSignal.any weakly, and a garbage collection can take the timeout
+   * signal, and the window with it (nodejs/node#57736).
    */
   const startWalk = (dryRun: boolean): Walk => {
     const { maxDurationMs, maxReplicaLagMs } = config.sweep;
-    const signal =
-      maxDurationMs === null
-        ? abort.signal
-        : AbortSignal.any([abort.signal, AbortSignal.timeout(maxDurationMs)]);
+    const controller = new AbortController();
+    let ended: SweepEnd | null = null;
+    const end = (reason: SweepEnd) => {
+      ended ??= reason;
+      controller.abort(reason);
+    };
+    const onStop = () => end('stop');
+    if (abort.signal.aborted) onStop();
+    abort.signal.addEventListener('abort', onStop);
+    const window =
+      maxDurationMs === null ? null : setTimeout(() => end('max_duration'), maxDurationMs);
+    window?.unref();
     const gate =
       maxReplicaLagMs === null || dryRun
         ? null
@@ -463,8 +506,27 @@ export function createSweeper({
             logger: log,
             events,
             onUnreadable: warnLagUnreadable,
+            maxPauseMs: maxReplicaPauseMs ?? Math.max(MAX_PAUSE_MS, 3 * maxReplicaLagMs),
+            onGaveUp: (lag, pausedMs) => {
+              log.warn(
+                'sweep.throttle_gave_up',
+                `${lag.source} has been more than SWEEP_MAX_REPLICA_LAG behind for ${Math.round(pausedMs / 1000)} s; the sweep ends here, and the next one resumes where it stopped`,
+                { ...lag, pausedMs, maxLagMs: maxReplicaLagMs },
+              );
+              end('replica_lag');
+            },
           });
-    return { dryRun, signal, gate, throttledBy: () => gate?.throttledBy() ?? null };
+    return {
+      dryRun,
+      signal: controller.signal,
+      ended: () => ended,
+      gate,
+      throttledBy: () => gate?.throttledBy() ?? null,
+      close: () => {
+        if (window !== null) clearTimeout(window);
+        abort.signal.removeEventListener('abort', onStop);
+      },
+    };
   };
 
   const run = async (trigger: SweepTrigger, dryRun: boolean): Promise<SweepOutcome> => {
@@ -482,12 +544,13 @@ export function createSweeper({
       // This sweep walks the retried ranges again, and finds what is still locked itself.
       if (!dryRun) await stopRetrying('a new sweep started');
       let outcome: SweepOutcome;
+      let walk: Walk | null = null;
       try {
         log.info('sweep.started', dryRun ? 'dry run started' : 'sweep started', {
           trigger,
           dryRun,
         });
-        const walk = startWalk(dryRun);
+        walk = startWalk(dryRun);
         const tables: Record<string, TableSweepResult> = {};
         const durations: number[] = [];
         let deleted = 0;
@@ -522,12 +585,14 @@ export function createSweeper({
             ...(result.partitions ? { partitions: result.partitions } : {}),
           };
         }
+        const endedBy = walk.ended();
         outcome = {
           status: 'finished',
           trigger,
           dryRun,
-          interrupted: abort.signal.aborted,
+          interrupted: endedBy === 'stop',
           partial,
+          ...(partial && endedBy !== null ? { endedBy } : {}),
           deleted,
           skipped,
           durationMs: elapsed(),
@@ -535,6 +600,7 @@ export function createSweeper({
           tables,
         };
       } finally {
+        walk?.close();
         await lock?.release();
       }
       // Logged once the lock and the connection are released: a request that reads this

@@ -1,11 +1,14 @@
 // A sweeper on a test database, configured from environment variables as the daemon would
 // be, with a capturing logger and an event emitter to watch it by.
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { DatabasePool } from 'slonik';
 import { loadConfig } from '../../src/config.js';
 import { createDatabasePool } from '../../src/db.js';
 import { createReaperEvents, type ReaperEvents } from '../../src/events.js';
-import { createSweeper, type Sweeper } from '../../src/sweep/sweeper.js';
+import { createSweeper, type Sweeper, type SweeperDependencies } from '../../src/sweep/sweeper.js';
 import { createCapturingLogger, type CapturingLogger } from './capture-logger.js';
+import { repositoryRoot } from './cli.js';
 
 export interface SweeperHarness {
   sweeper: Sweeper;
@@ -19,6 +22,7 @@ export async function sweeperFor(
   database: { url: string },
   environment: Record<string, string>,
   cleanup: (() => Promise<void>)[],
+  dependencies: Pick<SweeperDependencies, 'maxReplicaPauseMs'> = {},
 ): Promise<SweeperHarness> {
   const config = loadConfig({ DATABASE_URL: database.url, NODE_ENV: 'test', ...environment });
   const logs = createCapturingLogger('debug');
@@ -26,10 +30,19 @@ export async function sweeperFor(
   const pool = await createDatabasePool(config, logs.logger, {
     maximumPoolSize: config.sweep.concurrency + 1,
   });
-  const sweeper = createSweeper({ pool, config, logger: logs.logger, events });
+  const sweeper = createSweeper({ pool, config, logger: logs.logger, events, ...dependencies });
   cleanup.push(async () => {
     await sweeper.stop();
     await pool.end();
   });
   return { sweeper, pool, logs, events };
+}
+
+/** What install makes for sweep positions: the token_reaper schema and its sweep_positions. */
+export async function installSweepPositions(database: {
+  query: (text: string) => Promise<unknown>;
+}): Promise<void> {
+  for (const file of ['001-schema.sql', '008-sweep-positions.sql']) {
+    await database.query(await readFile(join(repositoryRoot, 'sql', file), 'utf8'));
+  }
 }
