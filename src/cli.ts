@@ -24,6 +24,7 @@ import { applyRolePlan, checkRoleName, formatRolePlan, planRole } from './role.j
 import { createLogger, serializeError, type LogFields, type Logger } from './logger.js';
 import { createMetrics, startMetricsServer, type MetricsServer } from './metrics.js';
 import { convertToPartitioned } from './partition/convert.js';
+import { createStatusLine, formatProgressBar, wantsColors, type StatusLine } from './pretty.js';
 import { redactText } from './redact.js';
 import { describeTargets, describeTargetsToRun } from './schema.js';
 import { uninstall } from './uninstall.js';
@@ -64,6 +65,13 @@ const PARENT_CHECK_INTERVAL_MS = 500;
 
 type Command = 'start' | 'sweep' | 'install' | 'uninstall' | 'explain' | 'partition convert';
 
+/** What a command gets besides the config, the logger and its flags. */
+interface CommandContext {
+  environment: NodeJS.ProcessEnv;
+  /** The terminal's progress line, when stdout and stderr are both a terminal; else null. */
+  statusLine: StatusLine | null;
+}
+
 /** Flag values as parseArgs returns them: a boolean, or a string for a flag that takes one. */
 type Flags = Record<string, boolean | string | undefined>;
 
@@ -96,10 +104,22 @@ export async function main(argv: readonly string[], environment = process.env): 
     return exitWithError(error);
   }
 
-  const logger = createLogger({ level: config.logLevel });
+  // The progress bar goes to stderr, and only when the log lines go to the same screen: it is
+  // taken off before each one and drawn again after it.
+  const statusLine =
+    process.stdout.isTTY && process.stderr.isTTY ? createStatusLine(process.stderr) : null;
+  const logger = createLogger({
+    level: config.logLevel,
+    format: config.logFormat,
+    colors: wantsColors(process.stdout.isTTY === true, environment),
+    statusLine,
+  });
   let code: number;
   try {
-    code = await COMMANDS[invocation.command](config, logger, invocation.flags, environment);
+    code = await COMMANDS[invocation.command](config, logger, invocation.flags, {
+      environment,
+      statusLine,
+    });
   } catch (error) {
     if (!(error instanceof ConfigurationError)) {
       logger.error('command.failed', `${invocation.command} failed`, { error });
@@ -117,10 +137,10 @@ const COMMANDS: Record<
     config: Config,
     logger: Logger,
     flags: Record<string, boolean | string | undefined>,
-    environment: NodeJS.ProcessEnv,
+    context: CommandContext,
   ) => Promise<number>
 > = {
-  async start(config, logger, _flags, environment) {
+  async start(config, logger, _flags, { environment }) {
     // npm runs the daemon through `sh -c`, and where sh is dash a SIGTERM to npm kills that
     // shell but never reaches the daemon: its parent going away is then the only sign that it
     // should stop. (README: run the bin directly instead.)
@@ -172,7 +192,7 @@ const COMMANDS: Record<
     return 0;
   },
 
-  async sweep(config, logger, flags, environment) {
+  async sweep(config, logger, flags, { environment, statusLine }) {
     const pool = await createDatabasePool(config, logger, {
       maximumPoolSize: config.sweep.concurrency + 1,
     });
@@ -184,12 +204,13 @@ const COMMANDS: Record<
     });
     // Under npm, Ctrl-C arrives twice; the second must not force the exit.
     onStopSignal(logger, () => daemon.stop(), { underNpm: startedByNpm(environment) });
-    const progressLine = process.stderr.isTTY ? drawProgress(daemon.events) : null;
+    const progressBar = statusLine === null ? null : drawProgress(daemon.events, statusLine);
     try {
       // Check the tables first, so that a wrong name is a usage error (exit 2), not a
       // failed sweep (exit 1).
       await describeTargetsToRun(pool, config);
       const outcome = await daemon.sweep('cli', { dryRun: flags['dry-run'] === true });
+      progressBar?.end();
       if (outcome.status === 'finished' && outcome.dryRun) {
         for (const [table, result] of Object.entries(outcome.tables)) {
           process.stderr.write(`${table}: ${result.wouldDelete ?? 0} rows would be deleted\n`);
@@ -209,7 +230,7 @@ const COMMANDS: Record<
       await daemon.retrySettled();
       return outcome.status === 'failed' ? 1 : 0;
     } finally {
-      progressLine?.end();
+      progressBar?.end();
       await daemon.stop();
     }
   },
@@ -357,23 +378,19 @@ function onStopSignal(
   return stop;
 }
 
-/** A progress line on a terminal's stderr, redrawn in place from the sweep's events. */
-function drawProgress(events: ReaperEvents) {
-  let drawn = false;
-  const draw = (progress: SweepProgressEvent) => {
-    const percent = progress.pagesTotal > 0 ? (100 * progress.pagesDone) / progress.pagesTotal : 0;
-    const eta = progress.etaSeconds === null ? '' : `, about ${progress.etaSeconds} s left`;
-    process.stderr.write(
-      `\r\x1b[K${progress.table}: ${percent.toFixed(0)}% of ${progress.pagesTotal} pages, ` +
-        `${progress.deleted} rows deleted, ${progress.rowsPerSecond} rows/s${eta}`,
-    );
-    drawn = true;
-  };
+/**
+ * The sweep's progress bar on the terminal, redrawn in place from its `progress` events (one a
+ * second), in place of the `sweep.progress` log lines. end() takes it off the screen:
+ * sweep.finished has the final figures.
+ */
+function drawProgress(events: ReaperEvents, statusLine: StatusLine) {
+  const draw = (progress: SweepProgressEvent) =>
+    statusLine.show(formatProgressBar(progress), ['sweep.progress']);
   events.on('progress', draw);
   return {
     end() {
       events.off('progress', draw);
-      if (drawn) process.stderr.write('\n');
+      statusLine.end();
     },
   };
 }

@@ -17,6 +17,10 @@ export type { QualifiedName, TargetRule } from './targets/rule.js';
 export const LOG_LEVELS = ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
 
+/** LOG_FORMAT: `pretty`, short coloured lines for a terminal, or `json`, one object a line. */
+export const LOG_FORMATS = ['pretty', 'json'] as const;
+export type LogFormat = (typeof LOG_FORMATS)[number];
+
 export interface PartitionConfig {
   /** What to do with a partition whose every row has expired. */
   readonly expiredAction: 'drop' | 'detach';
@@ -38,7 +42,10 @@ export interface SweepConfig {
    * measured durations to take about batchTargetMs (sweep/pacing.ts).
    */
   readonly batchPages: number;
-  /** SWEEP_BATCH_TARGET_MS: how long one batch should take, and so hold its locks. */
+  /**
+   * SWEEP_BATCH_TARGET_MS: how long one batch should take, and so hold its locks; 0 for
+   * batches of batchPages pages each.
+   */
   readonly batchTargetMs: number;
   /** SWEEP_PAUSE_RATIO: the pause after each batch, as a multiple of that batch's duration. */
   readonly pauseRatio: number;
@@ -97,6 +104,8 @@ export interface Config {
    */
   readonly installLockTimeoutSeconds: number;
   readonly logLevel: LogLevel;
+  /** LOG_FORMAT; unset, `pretty` when the logs go to a terminal (LoadOptions.terminal), else `json`. */
+  readonly logFormat: LogFormat;
   /** False when NODE_ENV=test: the story's rule, so tests never fire a sweep at 3 am. */
   readonly scheduleEnabled: boolean;
   readonly health: HealthConfig;
@@ -140,6 +149,11 @@ export const MAXIMUM_IDENTIFIER_BYTES = 63;
 export interface LoadOptions {
   /** --config PATH, which wins over TOKEN_REAPER_CONFIG. */
   configPath?: string;
+  /**
+   * Whether the logs go to a terminal, which makes `pretty` LOG_FORMAT's default; `json`
+   * otherwise. Defaults to whether stdout is a TTY.
+   */
+  terminal?: boolean;
 }
 
 export function loadConfig(environment: Environment, options: LoadOptions = {}): Config {
@@ -204,12 +218,12 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
     problems,
     'SWEEP_BATCH_TARGET_MS',
     DEFAULT_BATCH_TARGET_MS,
-    1,
+    0,
     60_000,
   );
   const pauseRatio = readRatio(read, problems, 'SWEEP_PAUSE_RATIO', DEFAULT_PAUSE_RATIO);
-  const maxReplicaLagMs = readOptionalMilliseconds(read, problems, 'SWEEP_MAX_REPLICA_LAG');
-  const maxDurationMs = readOptionalMilliseconds(read, problems, 'SWEEP_MAX_DURATION');
+  const maxReplicaLagMs = readOptionalMilliseconds(read, problems, 'SWEEP_MAX_REPLICA_LAG', DAY_MS);
+  const maxDurationMs = readOptionalMilliseconds(read, problems, 'SWEEP_MAX_DURATION', 7 * DAY_MS);
   const expiredAction = (read('EXPIRED_PARTITIONS') ?? 'drop').toLowerCase();
   if (expiredAction !== 'drop' && expiredAction !== 'detach') {
     problems.push(
@@ -257,6 +271,14 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
     );
   }
 
+  const terminal = options.terminal ?? process.stdout.isTTY === true;
+  const logFormatSetting = (read('LOG_FORMAT') ?? (terminal ? 'pretty' : 'json')).toLowerCase();
+  if (!(LOG_FORMATS as readonly string[]).includes(logFormatSetting)) {
+    problems.push(
+      `LOG_FORMAT=${JSON.stringify(logFormatSetting)} is not a log format. Use pretty or json, or unset it for pretty on a terminal and json otherwise.`,
+    );
+  }
+
   const health: HealthConfig = {
     listenerDownUnhealthyAfterSeconds: readPositiveDuration(
       read,
@@ -297,6 +319,7 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
     statementTimeoutMs,
     installLockTimeoutSeconds,
     logLevel: logLevelSetting as LogLevel,
+    logFormat: logFormatSetting as LogFormat,
     scheduleEnabled: environment.NODE_ENV !== 'test',
     health,
   });
@@ -539,18 +562,24 @@ function readRatio(
   return number;
 }
 
-/** Milliseconds from an interval such as `500ms`, `5s` or `1h`; null when unset. */
+const DAY_MS = 86_400_000;
+
+/**
+ * Milliseconds from an interval such as `500ms`, `5s` or `1h`, up to `maximumMs`; null when
+ * unset. (A timer cannot wait longer than 24.8 days: Node fires it at once instead.)
+ */
 function readOptionalMilliseconds(
   read: (name: string) => string | undefined,
   problems: string[],
   variable: string,
+  maximumMs: number,
 ): number | null {
   const value = read(variable);
   if (value === undefined) return null;
   const seconds = parseDuration(value);
-  if (seconds === null || seconds <= 0) {
+  if (seconds === null || seconds <= 0 || seconds * 1000 > maximumMs) {
     problems.push(
-      `${variable}=${JSON.stringify(value)} is not a positive duration. ${DURATION_HELP}, or unset it for no limit.`,
+      `${variable}=${JSON.stringify(value)} is not a positive duration of at most ${maximumMs / DAY_MS} day(s). ${DURATION_HELP}, or unset it for no limit.`,
     );
     return null;
   }

@@ -7,6 +7,7 @@ import { createDaemon, type Health, type Readiness, type StopOptions } from './d
 import { createDatabasePool } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
 import { createLogger, type Logger } from './logger.js';
+import { wantsColors } from './pretty.js';
 import type { SweepOptions, SweepOutcome } from './sweep/sweeper.js';
 import { VERSION } from './version.js';
 
@@ -34,7 +35,11 @@ export interface ReaperOptions {
    * the environment like the CLI does.
    */
   settings: Readonly<Record<string, string | undefined>>;
-  /** Defaults to JSON lines on stdout at LOG_LEVEL, as the CLI logs. */
+  /**
+   * Defaults to lines on stdout at LOG_LEVEL: JSON, or with LOG_FORMAT=pretty in `settings`
+   * short lines for a terminal, coloured when stdout is one (NO_COLOR and FORCE_COLOR in
+   * `settings` are obeyed). Unlike the CLI, an unset LOG_FORMAT means JSON even on a terminal.
+   */
   logger?: Logger;
 }
 
@@ -61,8 +66,15 @@ export interface Reaper {
 
 /** Throws ConfigurationError (naming every bad setting) before touching the database. */
 export async function createReaper(options: ReaperOptions): Promise<Reaper> {
-  const config = loadConfig(options.settings);
-  const logger = options.logger ?? createLogger({ level: config.logLevel });
+  // Not `pretty` on a terminal by default: a host's own logs decide what its terminal shows.
+  const config = loadConfig(options.settings, { terminal: false });
+  const logger =
+    options.logger ??
+    createLogger({
+      level: config.logLevel,
+      format: config.logFormat,
+      colors: wantsColors(process.stdout.isTTY === true, options.settings),
+    });
   const events = createReaperEvents(logger);
   const pool = await createDatabasePool(config, logger, {
     maximumPoolSize: config.sweep.concurrency + 2,

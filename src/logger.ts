@@ -1,13 +1,16 @@
 // Winston, writing one JSON object per line to stdout. Every line carries `timestamp`,
 // `level`, `message` and `event`; the event is the stable name operators alert on, the
 // message is for people. Components log through child loggers that add `component`.
+// LOG_FORMAT=pretty writes the same entries as short lines for a terminal (pretty.ts), after
+// the same redaction.
 //
 // The stream is never allowed to hold more than a bound: stdout that nobody reads (a pipe to a
 // stalled log shipper) would otherwise keep every line in memory. Past the bound, lines are
 // dropped and counted, and once the stream drains one `log.dropped` line says how many.
 import type { Writable } from 'node:stream';
 import winston from 'winston';
-import type { LogLevel } from './config.js';
+import type { LogFormat, LogLevel } from './config.js';
+import { formatPrettyLine, type StatusLine } from './pretty.js';
 import { redactSecrets } from './redact.js';
 
 export type LogFields = Record<string, unknown>;
@@ -37,13 +40,35 @@ export interface LoggerOptions {
   stream?: Writable;
   /** Bytes `stream` may hold unwritten before lines are dropped; DEFAULT_LOG_BUFFER_LIMIT_BYTES. */
   bufferLimitBytes?: number;
+  /** `json` (the default): one JSON object a line. `pretty`: short lines for people. */
+  format?: LogFormat;
+  /** ANSI colours in pretty lines (pretty.ts, wantsColors); default none. */
+  colors?: boolean;
+  /**
+   * A line redrawn in place on the same terminal (the sweep's progress bar): taken off the
+   * screen before each log line is written, and drawn again after it. The lines of the events
+   * it covers are left out while it shows.
+   */
+  statusLine?: TerminalStatusLine | null;
 }
 
+type TerminalStatusLine = Pick<StatusLine, 'suspend' | 'resume' | 'covers'>;
+
+/** Where winston's formats leave the finished line (triple-beam's MESSAGE). */
+const MESSAGE = Symbol.for('message');
+
 export function createLogger(options: LoggerOptions): Logger {
+  const colors = options.colors ?? false;
   const format = winston.format.combine(
     winston.format.timestamp(),
+    // Before either format: what is redacted is redacted in both.
     winston.format((info) => Object.assign(info, redactSecrets({ ...info })))(),
-    winston.format.json(),
+    options.format === 'pretty'
+      ? winston.format((info) => {
+          info[MESSAGE] = formatPrettyLine(info, { colors });
+          return info;
+        })()
+      : winston.format.json(),
   );
   const winstonLogger = winston.createLogger({
     level: options.level,
@@ -53,6 +78,7 @@ export function createLogger(options: LoggerOptions): Logger {
         options.stream ?? process.stdout,
         options.bufferLimitBytes ?? DEFAULT_LOG_BUFFER_LIMIT_BYTES,
         format,
+        options.statusLine ?? null,
       ),
     ],
   });
@@ -79,21 +105,29 @@ class BoundedStreamTransport extends winston.transports.Stream {
   readonly #stream: Writable;
   readonly #limitBytes: number;
   readonly #lineFormat: winston.Logform.Format;
+  readonly #statusLine: TerminalStatusLine | null;
   /** Lines dropped since the stream went over the limit, by level; null while writing. */
   #dropped: Record<string, number> | null = null;
 
-  constructor(stream: Writable, limitBytes: number, lineFormat: winston.Logform.Format) {
+  constructor(
+    stream: Writable,
+    limitBytes: number,
+    lineFormat: winston.Logform.Format,
+    statusLine: TerminalStatusLine | null,
+  ) {
     super({ stream });
     this.#stream = stream;
     // 'drain' comes only after a write was refused, which a stream does at its high-water
     // mark; a limit below that mark would leave the dropping with nothing to end it.
     this.#limitBytes = Math.max(limitBytes, stream.writableHighWaterMark);
     this.#lineFormat = lineFormat;
+    this.#statusLine = statusLine;
   }
 
   override log(info: winston.Logform.TransformableInfo, next: () => void) {
+    if (this.#statusLine?.covers(info.event)) return next();
     if (this.#dropped === null && this.#stream.writableLength <= this.#limitBytes) {
-      return super.log!(info, next);
+      return this.#write(info, next);
     }
     if (this.#dropped === null) {
       this.#dropped = {};
@@ -116,7 +150,18 @@ class BoundedStreamTransport extends winston.transports.Stream {
       dropped,
       byLevel,
     });
-    if (line !== false && line !== true) super.log!(line, () => undefined);
+    if (line !== false && line !== true) this.#write(line, () => undefined);
+  }
+
+  // The stream transport writes the line before it returns, so the status line is off the
+  // screen for exactly that write.
+  #write(info: winston.Logform.TransformableInfo, next: () => void) {
+    this.#statusLine?.suspend();
+    try {
+      super.log!(info, next);
+    } finally {
+      this.#statusLine?.resume();
+    }
   }
 }
 

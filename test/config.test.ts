@@ -43,6 +43,22 @@ describe('config', () => {
     expect(config.scheduleEnabled).to.equal(true);
   });
 
+  it('logs pretty on a terminal and JSON otherwise, unless LOG_FORMAT says which', () => {
+    expect(loadConfig(minimal, { terminal: true }).logFormat).to.equal('pretty');
+    expect(loadConfig(minimal, { terminal: false }).logFormat).to.equal('json');
+    // Unsaid, the terminal is stdout's.
+    expect(loadConfig(minimal).logFormat).to.equal(process.stdout.isTTY ? 'pretty' : 'json');
+    expect(loadConfig({ ...minimal, LOG_FORMAT: 'json' }, { terminal: true }).logFormat).to.equal(
+      'json',
+    );
+    expect(
+      loadConfig({ ...minimal, LOG_FORMAT: ' Pretty ' }, { terminal: false }).logFormat,
+    ).to.equal('pretty');
+    expect(loadConfig({ ...minimal, LOG_FORMAT: '' }, { terminal: false }).logFormat).to.equal(
+      'json',
+    );
+  });
+
   it('is frozen, so nothing downstream can change it', () => {
     const config = loadConfig(minimal);
     expect(Object.isFrozen(config)).to.equal(true);
@@ -128,12 +144,13 @@ describe('config', () => {
       PASSWORD_RESETS_TABLE: 'a.b.c',
       REFRESH_TOKEN_NOTIFY_CHANNEL: '1channel',
       LOG_LEVEL: 'loud',
+      LOG_FORMAT: 'fancy',
       SWEEP_BATCH_PAGES: '0',
       SWEEP_CONCURRENCY: 'two',
-      SWEEP_BATCH_TARGET_MS: '0',
+      SWEEP_BATCH_TARGET_MS: '60001',
       SWEEP_PAUSE_RATIO: '-1',
       SWEEP_MAX_REPLICA_LAG: '5 parsecs',
-      SWEEP_MAX_DURATION: '0s',
+      SWEEP_MAX_DURATION: '30 days',
       REFRESH_TOKENS_REVOKED_COLUMN: 'revoked-at',
       REFRESH_TOKEN_REVOKED_GRACE: '5 minutes',
     });
@@ -144,12 +161,16 @@ describe('config', () => {
       ['PASSWORD_RESETS_TABLE', /not a table name/],
       ['REFRESH_TOKEN_NOTIFY_CHANNEL', /not a valid name/],
       ['LOG_LEVEL', /Use one of error, warn, info/],
+      ['LOG_FORMAT', /"fancy" is not a log format\. Use pretty or json/],
       ['SWEEP_BATCH_PAGES', /whole number from 1/],
       ['SWEEP_CONCURRENCY', /whole number from 1/],
-      ['SWEEP_BATCH_TARGET_MS', /whole number from 1 to 60000/],
+      ['SWEEP_BATCH_TARGET_MS', /whole number from 0 to 60000/],
       ['SWEEP_PAUSE_RATIO', /not a number from 0 to 100, such as 0\.5/],
-      ['SWEEP_MAX_REPLICA_LAG', /not a positive duration\. Use .*"90s".*unset it for no limit/],
-      ['SWEEP_MAX_DURATION', /not a positive duration/],
+      [
+        'SWEEP_MAX_REPLICA_LAG',
+        /not a positive duration of at most 1 day\(s\)\. Use .*"90s".*unset it for no limit/,
+      ],
+      ['SWEEP_MAX_DURATION', /not a positive duration of at most 7 day/],
       ['REFRESH_TOKENS_REVOKED_COLUMN', /not a valid name/],
       ['REFRESH_TOKEN_REVOKED_GRACE', /not a duration\. Use .*90s, 15m, 1h or 7d/],
     ];
