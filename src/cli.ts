@@ -13,6 +13,7 @@ import { createDatabasePool, createPlainClient } from './db.js';
 import { ConfigurationError } from './errors.js';
 import type { ReaperEvents, SweepProgressEvent } from './events.js';
 import { explainTargets, formatExplanation } from './explain.js';
+import { formatInstallPlanFor, INSTALL_FORMATS, type InstallFormat } from './install-formats.js';
 import {
   applyInstallPlan,
   buildInstallPlan,
@@ -37,10 +38,11 @@ Usage: token-reaper <command>
 Commands:
   start              run the daemon: the schedule and SIGUSR1 sweeps, until SIGTERM or SIGINT
   sweep [--dry-run]  run one sweep now and exit; --dry-run counts what would go, deletes nothing
-  install [--print] [--role NAME]
+  install [--print [--for plain|prisma|typeorm|knex]] [--role NAME]
                      apply the SQL objects (idempotent) for PURGE_SOURCE, dropping another
-                     source's; --print writes the SQL, changes nothing; --role also creates a
-                     role with just the rights the daemon needs
+                     source's; --print writes the SQL, changes nothing, and --for writes it as
+                     that tool's migration; --role also creates a role with just the rights
+                     the daemon needs
   uninstall [--print]
                      remove every object install made: triggers, function, indexes,
                      publication, replication slot, the token_reaper schema; --print writes
@@ -81,7 +83,12 @@ const COMMON_FLAGS = { config: { type: 'string' } } as const;
 const FLAGS: Record<Command, Record<string, { type: 'boolean' | 'string' }>> = {
   start: { ...COMMON_FLAGS },
   sweep: { ...COMMON_FLAGS, 'dry-run': { type: 'boolean' } },
-  install: { ...COMMON_FLAGS, print: { type: 'boolean' }, role: { type: 'string' } },
+  install: {
+    ...COMMON_FLAGS,
+    print: { type: 'boolean' },
+    for: { type: 'string' },
+    role: { type: 'string' },
+  },
   uninstall: { ...COMMON_FLAGS, print: { type: 'boolean' } },
   explain: { ...COMMON_FLAGS, json: { type: 'boolean' } },
   'partition convert': { ...COMMON_FLAGS, print: { type: 'boolean' } },
@@ -238,6 +245,7 @@ const COMMANDS: Record<
   async install(config, logger, flags) {
     // --role NAME: after the install plan, a role with exactly the rights the daemon needs.
     const role = typeof flags.role === 'string' ? checkRoleName(flags.role) : null;
+    const format = installFormat(flags, role !== null);
     const pool = await createDatabasePool(config, logger, { maximumPoolSize: 1 });
     const [shapes, attachedIndexes] = await Promise.all([
       describeTargets(pool, config),
@@ -245,7 +253,7 @@ const COMMANDS: Record<
     ]).finally(() => pool.end());
     const plan = await buildInstallPlan(config, shapes, attachedIndexes);
     if (flags.print && role === null) {
-      process.stdout.write(formatInstallPlan(plan));
+      process.stdout.write(formatInstallPlanFor(plan, format));
       return 0;
     }
     const client = createPlainClient(config, logger);
@@ -301,6 +309,28 @@ const COMMANDS: Record<
   'partition convert': (config, logger, flags) =>
     convertToPartitioned({ config, logger, print: flags.print === true }),
 };
+
+/** --for: which tool's migration --print writes; a usage error (exit 2) unless it can. */
+function installFormat(flags: Flags, withRole: boolean): InstallFormat {
+  const format = flags.for;
+  if (format === undefined) return 'plain';
+  if (!(INSTALL_FORMATS as readonly unknown[]).includes(format)) {
+    throw new ConfigurationError([
+      `install --for ${JSON.stringify(format)} is not a format: use ${INSTALL_FORMATS.join(', ')}.`,
+    ]);
+  }
+  if (flags.print !== true) {
+    throw new ConfigurationError([
+      "install --for goes with --print: it writes the SQL as that tool's migration, and changes nothing.",
+    ]);
+  }
+  if (withRole && format !== 'plain') {
+    throw new ConfigurationError([
+      'install --print --role writes plain SQL only: leave out --for, or print the role with a second run.',
+    ]);
+  }
+  return format as InstallFormat;
+}
 
 function parseInvocation(argv: readonly string[]) {
   const [first, ...rest] = argv;

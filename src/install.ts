@@ -80,6 +80,11 @@ export interface InstallStatement {
   sql: string;
   /** The index it builds concurrently, checked for an invalid leftover first. */
   index: { schema: string; name: string } | null;
+  /**
+   * The partitioned index it creates ON ONLY the parent, valid once every partition's index is
+   * attached: one of the indexes the step's version row vouches for (recordedIndexGuard).
+   */
+  partitionedIndex?: { schema: string; name: string };
 }
 
 /**
@@ -355,7 +360,13 @@ function partitionedIndexStatements(
   const onlyParent = parentSql
     .replace('CREATE INDEX CONCURRENTLY', 'CREATE INDEX')
     .replace(`ON ${parentTable}`, `ON ONLY ${parentTable}`);
-  const statements: InstallStatement[] = [{ sql: onlyParent, index: null }];
+  const statements: InstallStatement[] = [
+    {
+      sql: onlyParent,
+      index: null,
+      partitionedIndex: { schema: shape.relation.schema, name: parentIndex },
+    },
+  ];
   // Partitions made after the parent's index existed already have theirs.
   for (const leaf of shape.leaves.filter((leaf) => !attached.has(qualifiedName(leaf)))) {
     const leafVariables = templateVariables(config, shape, leaf);
@@ -379,11 +390,42 @@ export function formatInstallPlan(plan: InstallPlan): string {
     parts.push(
       step.transactional
         ? `-- ${step.file}\nBEGIN;\n${sqlOf(step)}\n${step.recordSql}\nCOMMIT;`
-        : `-- ${step.file} (outside a transaction: CREATE INDEX CONCURRENTLY cannot run in one)\n${sqlOf(step)}\n${step.recordSql}`,
+        : `-- ${step.file} (outside a transaction: CREATE INDEX CONCURRENTLY cannot run in one)\n${sqlOf(step)}\n${transaction(recordAfterIndexes(step))}`,
     );
   }
   parts.push(...plan.source.map(formatSourceStep));
   return `${parts.join('\n\n')}\n`;
+}
+
+/**
+ * The version row of a step that runs outside a transaction, as a script records it: a script
+ * run by psql without ON_ERROR_STOP, or by a migration tool, may go on after a failed build, so
+ * the row is written only once every index the step makes exists and is valid. The check fails
+ * the transaction otherwise, and the row goes with it.
+ */
+export function recordAfterIndexes(step: InstallStep): string[] {
+  const indexes = step.statements.flatMap((statement) =>
+    [statement.partitionedIndex, statement.index].flatMap((index) =>
+      index ? [escapeLiteral(quotedName(index))] : [],
+    ),
+  );
+  if (indexes.length === 0) return [step.recordSql];
+  return [
+    [
+      'DO $token_reaper$',
+      'BEGIN',
+      '  IF EXISTS (',
+      `    SELECT FROM unnest(ARRAY[${indexes.join(', ')}]) name`,
+      '    LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = to_regclass(name)',
+      '    WHERE i.indisvalid IS NOT TRUE',
+      '  ) THEN',
+      `    RAISE EXCEPTION '%', ${escapeLiteral(`token-reaper: an index that ${step.file} builds is missing or invalid, so it is not recorded; run token-reaper install to build it`)};`,
+      '  END IF;',
+      'END',
+      '$token_reaper$;',
+    ].join('\n'),
+    step.recordSql,
+  ];
 }
 
 export interface InstallResult {
@@ -576,6 +618,39 @@ export function formatSourceStep(step: SourceStep): string {
       return `${title} (a walsender streaming from it is ended first: SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(step.name)};)\n${dropSlotSql(step.name)}`;
     case 'dropPublication':
       return `${title}\n${transaction([dropPublicationSql(step.name)])}`;
+  }
+}
+
+/** A piece of a printed migration: statements in one transaction, or one statement alone. */
+export type ScriptUnit =
+  | { readonly transaction: true; readonly comment: string; readonly statements: string[] }
+  | { readonly transaction: false; readonly comment: string; readonly statement: string };
+
+/** The source step as units of a migration (install-formats.ts): formatSourceStep's SQL. */
+export function sourceStepUnits(step: SourceStep): ScriptUnit[] {
+  const comment = sourceStepLabel(step);
+  switch (step.kind) {
+    case 'publication':
+      return [{ transaction: true, comment, statements: publicationSql(step.name, step.tables) }];
+    case 'slot':
+      // A slot cannot be made in a transaction that wrote: each statement alone.
+      return [
+        { transaction: false, comment, statement: dropLostSlotSql(step.name) },
+        { transaction: false, comment, statement: createSlotSql(step.name) },
+      ];
+    case 'dropRevokeTriggers':
+      return [
+        ...step.tables.map((table) => ({
+          transaction: true as const,
+          comment,
+          statements: [dropTriggerSql(table, REVOKE_TRIGGER_NAME)],
+        })),
+        { transaction: true, comment, statements: dropRevokeFunctionSql(step.versions) },
+      ];
+    case 'dropSlot':
+      return [{ transaction: false, comment, statement: dropSlotSql(step.name) }];
+    case 'dropPublication':
+      return [{ transaction: true, comment, statements: [dropPublicationSql(step.name)] }];
   }
 }
 

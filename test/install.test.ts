@@ -169,7 +169,7 @@ describe('install', () => {
         const result = await runCli(['install'], environment);
         expect(result.code).to.equal(2);
         expect(result.stderr).to.match(
-          /schema is at version 999, newer than this token-reaper knows \(7\)\. Upgrade token-reaper\./,
+          /schema is at version 999, newer than this token-reaper knows \(8\)\. Upgrade token-reaper\./,
         );
       } finally {
         await database.query('DELETE FROM token_reaper.schema_version WHERE version = 999');
