@@ -211,7 +211,7 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
         })
       : readTargetsFile(targetsFile, read, problems);
 
-  const batchPages = readInteger(read, problems, 'SWEEP_BATCH_PAGES', 500, 1, 1_000_000);
+  const batchPages = readInteger(read, problems, 'SWEEP_BATCH_PAGES', 100, 1, 1_000_000);
   const concurrency = readInteger(read, problems, 'SWEEP_CONCURRENCY', 1, 1, 64);
   const batchTargetMs = readInteger(
     read,

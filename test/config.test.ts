@@ -37,7 +37,7 @@ describe('config', () => {
     expect(refreshTokens!.notify).to.equal(true);
     expect(passwordResets!.notify).to.equal(false);
     expect(config.naiveTimestampsTimezone).to.equal(null);
-    expect(config.sweep.batchPages).to.equal(500);
+    expect(config.sweep.batchPages).to.equal(100);
     expect(config.sweep.concurrency).to.equal(1);
     expect(config.logLevel).to.equal('info');
     expect(config.scheduleEnabled).to.equal(true);
@@ -183,7 +183,7 @@ describe('config', () => {
 
   it('reads the sweep’s pacing: a time per batch, a pause ratio, a replica lag and a window', () => {
     expect(loadConfig(minimal).sweep).to.include({
-      batchPages: 500,
+      batchPages: 100,
       batchTargetMs: 20,
       pauseRatio: 1,
       maxReplicaLagMs: null,
