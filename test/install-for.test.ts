@@ -16,18 +16,11 @@ import { PRISMA_FILE_MARKER } from '../src/install-formats.js';
 import { repositoryRoot, runCli, spawnDaemon } from './support/cli.js';
 import { createTestDatabase, type TestDatabase } from './support/database.js';
 import { createReferenceSchema } from './support/fixtures.js';
+import { ALL_SQL_FILES } from './support/sql-files.js';
 
 const run = promisify(execFile);
 
-const ALL_FILES = [
-  '001-schema.sql',
-  '002-notify-function.sql',
-  '003-revoke-trigger.sql',
-  '004-expiry-index.sql',
-  '005-marker-index.sql',
-  '007-revocations.sql',
-  '008-sweep-positions.sql',
-];
+const ALL_FILES: readonly string[] = ALL_SQL_FILES;
 const ALL_VERSIONS = [1, 2, 3, 4, 5, 7, 8];
 /** What `install` finds in place on the reference schema under PURGE_SOURCE=notify. */
 const EVERYTHING = [

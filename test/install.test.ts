@@ -5,16 +5,9 @@ import pg from 'pg';
 import { runCli, waitFor } from './support/cli.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
 import { createReferenceSchema } from './support/fixtures.js';
+import { ALL_SQL_FILES } from './support/sql-files.js';
 
-const ALL_FILES = [
-  '001-schema.sql',
-  '002-notify-function.sql',
-  '003-revoke-trigger.sql',
-  '004-expiry-index.sql',
-  '005-marker-index.sql',
-  '007-revocations.sql',
-  '008-sweep-positions.sql',
-];
+const ALL_FILES: readonly string[] = ALL_SQL_FILES;
 
 function installFinished(result: Awaited<ReturnType<typeof runCli>>) {
   expect(result.code, result.stderr + result.stdout).to.equal(0);

@@ -4,8 +4,13 @@ import { expect } from 'chai';
 import type { SweepOutcome } from '../src/sweep/sweeper.js';
 import type { CapturedLine } from './support/capture-logger.js';
 import { useTestDatabase } from './support/database.js';
-import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
-import { installSweepPositions, sweeperFor } from './support/sweeper.js';
+import { allIds, liveIds } from './support/fixtures.js';
+import {
+  installSweepPositions,
+  referenceTokenTable,
+  slowDeletes,
+  sweeperFor,
+} from './support/sweeper.js';
 import { finishedSweep } from './support/targets.js';
 
 interface BatchLine {
@@ -25,13 +30,8 @@ describe('the sweep’s pacing', () => {
     while (cleanup.length > 0) await cleanup.pop()!();
   });
 
-  /** A reference refresh-tokens table alone in `schema`, filled with `count` random rows. */
-  async function tokenTable(schema: string, count: number) {
-    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
-    const table = `${schema}.refresh_tokens`;
-    await insertRandomRows(database.current, { table, kind: 'refresh_tokens', count, seed: 0.42 });
-    return table;
-  }
+  const tokenTable = (schema: string, count: number) =>
+    referenceTokenTable(database.current, schema, count, 0.42);
 
   const environment = (table: string, settings: Record<string, string> = {}) => ({
     REFRESH_TOKENS_TABLE: table,
@@ -64,12 +64,7 @@ describe('the sweep’s pacing', () => {
   it('shrinks the batches on a table whose batches are slow, and deletes the same rows', async () => {
     const table = await tokenTable('pacing_slow', 3_000);
     // A trigger that makes every deleted row cost 1 ms: a 16-page batch takes hundreds.
-    await database.current.query(`
-      CREATE FUNCTION pacing_slow.slow() RETURNS trigger LANGUAGE plpgsql
-      AS $$ BEGIN PERFORM pg_sleep(0.001); RETURN NULL; END $$;
-      CREATE TRIGGER slow AFTER DELETE ON ${table}
-        FOR EACH ROW EXECUTE FUNCTION pacing_slow.slow();
-    `);
+    await slowDeletes(database.current, table, 0.001, 'ROW');
     const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
     const { sweeper, logs } = await sweeperFor(
       database.current,
@@ -89,12 +84,7 @@ describe('the sweep’s pacing', () => {
     const table = await tokenTable('pacing_fixed', 20_000);
     // Every DELETE statement takes 30 ms, over the target of 20 ms, however few its pages:
     // smaller batches would be no faster, only more.
-    await database.current.query(`
-      CREATE FUNCTION pacing_fixed.slow() RETURNS trigger LANGUAGE plpgsql
-      AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$;
-      CREATE TRIGGER slow AFTER DELETE ON ${table}
-        FOR EACH STATEMENT EXECUTE FUNCTION pacing_fixed.slow();
-    `);
+    await slowDeletes(database.current, table, 0.03, 'STATEMENT');
     const { sweeper, logs } = await sweeperFor(
       database.current,
       environment(table, { SWEEP_BATCH_PAGES: '4', SWEEP_BATCH_TARGET_MS: '20' }),
@@ -122,12 +112,7 @@ describe('the sweep’s pacing', () => {
 
   it('pauses after each batch for SWEEP_PAUSE_RATIO times its duration', async () => {
     const table = await tokenTable('pacing_pause', 3_000);
-    await database.current.query(`
-      CREATE FUNCTION pacing_pause.slow() RETURNS trigger LANGUAGE plpgsql
-      AS $$ BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$;
-      CREATE TRIGGER slow AFTER DELETE ON ${table}
-        FOR EACH STATEMENT EXECUTE FUNCTION pacing_pause.slow();
-    `);
+    await slowDeletes(database.current, table, 0.03, 'STATEMENT');
     const { sweeper, logs } = await sweeperFor(
       database.current,
       environment(table, {

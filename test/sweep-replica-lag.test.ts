@@ -8,8 +8,13 @@ import { createMetrics } from '../src/metrics.js';
 import { waitFor } from './support/cli.js';
 import { createCluster, type Cluster } from './support/cluster.js';
 import { databaseUrl, useTestDatabase } from './support/database.js';
-import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
-import { installSweepPositions, sweeperFor } from './support/sweeper.js';
+import { allIds, liveIds } from './support/fixtures.js';
+import {
+  installSweepPositions,
+  referenceTokenTable,
+  slowDeletes,
+  sweeperFor,
+} from './support/sweeper.js';
 import { finishedSweep } from './support/targets.js';
 
 async function onServer<T>(url: string, work: (client: pg.Client) => Promise<T>): Promise<T> {
@@ -48,20 +53,8 @@ describe('SWEEP_MAX_REPLICA_LAG', function () {
 
   /** 8,000 rows whose every deleted row costs 1 ms: a walk of a few seconds. */
   async function slowTable(schema: string) {
-    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
-    const table = `${schema}.refresh_tokens`;
-    await insertRandomRows(database.current, {
-      table,
-      kind: 'refresh_tokens',
-      count: 8_000,
-      seed: 0.7,
-    });
-    await database.current.query(`
-      CREATE FUNCTION ${schema}.slow() RETURNS trigger LANGUAGE plpgsql
-      AS $$ BEGIN PERFORM pg_sleep(0.001); RETURN NULL; END $$;
-      CREATE TRIGGER slow AFTER DELETE ON ${table}
-        FOR EACH ROW EXECUTE FUNCTION ${schema}.slow();
-    `);
+    const table = await referenceTokenTable(database.current, schema, 8_000, 0.7);
+    await slowDeletes(database.current, table, 0.001, 'ROW');
     return table;
   }
 

@@ -4,7 +4,7 @@ import { expect } from 'chai';
 import type pg from 'pg';
 import type { SweepProgressEvent } from '../src/events.js';
 import { SWEEP_LOCK, type SweepOutcome } from '../src/sweep/sweeper.js';
-import { sweeperFor } from './support/sweeper.js';
+import { referenceTokenTable, sweeperFor } from './support/sweeper.js';
 import { finishedSweep } from './support/targets.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
 import { allIds, createReferenceSchema, insertRandomRows, liveIds } from './support/fixtures.js';
@@ -24,14 +24,8 @@ describe('the sweep', () => {
     while (cleanup.length > 0) await cleanup.pop()!();
   });
 
-  /** A reference refresh-tokens table alone in `schema`, filled with `count` random rows. */
-  async function tokenTable(schema: string, count: number) {
-    await createReferenceSchema(database.current, { schema, passwordResetsTable: null });
-    const table = `${schema}.refresh_tokens`;
-    const seed = Math.random();
-    await insertRandomRows(database.current, { table, kind: 'refresh_tokens', count, seed });
-    return table;
-  }
+  const tokenTable = (schema: string, count: number) =>
+    referenceTokenTable(database.current, schema, count);
 
   for (const shape of ['boolean', 'timestamp'] as const) {
     it(`deletes exactly the dead rows of random data in the ${shape} shape, and no live one`, async () => {

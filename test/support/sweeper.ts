@@ -9,6 +9,7 @@ import { createReaperEvents, type ReaperEvents } from '../../src/events.js';
 import { createSweeper, type Sweeper, type SweeperDependencies } from '../../src/sweep/sweeper.js';
 import { createCapturingLogger, type CapturingLogger } from './capture-logger.js';
 import { repositoryRoot } from './cli.js';
+import { createReferenceSchema, insertRandomRows, type DatabaseTarget } from './fixtures.js';
 
 export interface SweeperHarness {
   sweeper: Sweeper;
@@ -45,4 +46,36 @@ export async function installSweepPositions(database: {
   for (const file of ['001-schema.sql', '008-sweep-positions.sql']) {
     await database.query(await readFile(join(repositoryRoot, 'sql', file), 'utf8'));
   }
+}
+
+/** A reference refresh-tokens table alone in `schema`, filled with `count` random rows. */
+export async function referenceTokenTable(
+  database: DatabaseTarget,
+  schema: string,
+  count: number,
+  seed: number = Math.random(),
+): Promise<string> {
+  await createReferenceSchema(database, { schema, passwordResetsTable: null });
+  const table = `${schema}.refresh_tokens`;
+  await insertRandomRows(database, { table, kind: 'refresh_tokens', count, seed });
+  return table;
+}
+
+/**
+ * Makes every DELETE on `table` (a `schema.table`) slower by `seconds`: for each deleted row
+ * (a cost per page), or once per statement (a cost every batch has whatever its size).
+ */
+export async function slowDeletes(
+  database: { query: (text: string) => Promise<unknown> },
+  table: string,
+  seconds: number,
+  each: 'ROW' | 'STATEMENT',
+): Promise<void> {
+  const schema = table.split('.')[0]!;
+  await database.query(`
+    CREATE FUNCTION ${schema}.slow() RETURNS trigger LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM pg_sleep(${seconds}); RETURN NULL; END $$;
+    CREATE TRIGGER slow AFTER DELETE ON ${table}
+      FOR EACH ${each} EXECUTE FUNCTION ${schema}.slow();
+  `);
 }
