@@ -8,11 +8,13 @@
 // further behind than the limit the sweep pauses, logging `sweep.throttled` once per pause.
 //
 // The lag is measured in time, as the limit is: how long ago the primary's WAL was where the
-// consumer now is. pg_stat_replication's replay_lag alone cannot say that: it is computed
-// only when the standby reports progress, so a standby whose replay has stopped keeps the
-// lag it had when it stopped. The gate therefore also samples the primary's WAL position with
-// the time at every reading, and looks up when the primary passed the consumer's position.
-// The larger of the two is the lag. Its limit: a standby reports where it is when WAL arrives
+// consumer now is. pg_stat_replication's replay_lag cannot say that: it is computed only when
+// the standby reports progress, so a standby whose replay has stopped keeps the lag it had
+// when it stopped, and one that has caught up keeps showing its last lag until its next
+// report. The gate therefore samples the primary's WAL position with the time at every
+// reading, and looks up when the primary passed the consumer's position; replay_lag only
+// speaks for a position older than the first sample. A consumer at the primary's position
+// has no lag. Its limit: a standby reports where it is when WAL arrives
 // and otherwise every wal_receiver_status_interval (10 s by default), so on a primary that
 // writes nothing else, a pause may outlast the lag by up to that interval.
 //
@@ -92,10 +94,15 @@ export function createReplicaGate(settings: ReplicaGateSettings): ReplicaGate {
   let unreadable = false;
   let throttled: ReplicaLag | null = null;
 
-  /** When the primary's WAL passed `lsn`, by the samples; the oldest sample if before all. */
-  const passedAt = (lsn: bigint, now: number) => {
+  /**
+   * How long ago the primary's WAL passed `lsn`, by the samples. A position from before the
+   * first sample is at least as old as it; there, and only there, replay_lag (which can be
+   * stale: it stands still between a standby's reports) may tell more.
+   */
+  const lagOf = (lsn: bigint, now: number, reportedLagMs: number | null) => {
     const passing = samples.find((sample) => sample.lsn > lsn);
-    return passing?.at ?? samples[0]?.at ?? now;
+    if (passing !== undefined && passing !== samples[0]) return now - passing.at;
+    return Math.max(now - (samples[0]?.at ?? now), reportedLagMs ?? 0);
   };
 
   /** The consumer furthest behind, or null when none is. */
@@ -135,7 +142,8 @@ export function createReplicaGate(settings: ReplicaGateSettings): ReplicaGate {
       if (consumer.lsn === null) continue;
       const position = lsnBytes(consumer.lsn);
       const behind = current > position;
-      const lagMs = Math.max(consumer.lagMs ?? 0, behind ? now - passedAt(position, now) : 0);
+      // Caught up is caught up, whatever a stale replay_lag still says.
+      const lagMs = behind ? lagOf(position, now, consumer.lagMs) : 0;
       if (lagMs > (furthest?.lagMs ?? -1)) {
         furthest = {
           source: consumer.source,
