@@ -12,6 +12,14 @@ import { killChildProcesses, repositoryRoot } from '../support/cli.js';
 
 import { compileDaemon, type CompiledDaemon } from './daemon.js';
 import { describeMachine, provisionServer, type BenchServer } from './databases.js';
+import {
+  collectGentleProblems,
+  judgeGentleGoals,
+  measureGentle,
+  PAUSE_RATIOS,
+  QUICK_PAUSE_RATIOS,
+  type GentleResult,
+} from './gentle.js';
 import { measurePurgeLatency, type PurgeResult } from './purge-latency.js';
 import {
   judgeGoals,
@@ -29,8 +37,13 @@ import {
   type Templates,
 } from './templates.js';
 
-type Part = ScenarioId | 'purge' | 'sources';
-const PARTS: readonly Part[] = [...SCENARIOS.map((scenario) => scenario.id), 'purge', 'sources'];
+type Part = ScenarioId | 'purge' | 'sources' | 'gentle';
+const PARTS: readonly Part[] = [
+  ...SCENARIOS.map((scenario) => scenario.id),
+  'purge',
+  'sources',
+  'gentle',
+];
 
 const USAGE = `npm run bench -- [options]
 
@@ -40,7 +53,11 @@ else on an embedded PostgreSQL started for the run:
   SWEEP_CONCURRENCY=2, (d) the sweep on daily partitions; each with an auth-like workload
   beside it; then the daemon's purge latency and peak RSS; then the purge sources
   (PURGE_SOURCE none/notify/wal/poll): what each costs the auth service's rotations, and
-  revocation → row gone for each.
+  revocation → row gone for each; then gentle: on the table with a fifth index (user_id),
+  the workload's p99 during one DELETE and sweeps at the defaults and at each
+  SWEEP_PAUSE_RATIO, each sweep's batch durations, and, on a throwaway primary with a
+  streaming standby (the machine's server binaries; skipped without them), the standby's
+  replay lag during a sweep without and with SWEEP_MAX_REPLICA_LAG=1s.
 
 Options:
   --rows N              rows in the table (default 2000000; --quick 20000), 52% of them dead
@@ -56,6 +73,8 @@ Options:
   --rotation-seconds N  seconds of rotations per condition and round (default 15; --quick 2)
   --rotation-clients N  rotating connections (default 16)
   --only LIST           comma-separated: ${PARTS.join(', ')}
+  --pause-ratios LIST   gentle: the SWEEP_PAUSE_RATIOs to compare (default
+                        ${PAUSE_RATIOS.join(',')}; --quick ${QUICK_PAUSE_RATIOS.join(',')})
   --sweep-env K=V       an extra variable for every token-reaper sweep, to compare settings
                         (e.g. SWEEP_BATCH_PAGES=250); repeatable. (c2) keeps SWEEP_CONCURRENCY=2
   --daemon-env K=V      the same for the daemons of the purge and sources measurements
@@ -85,6 +104,7 @@ interface Options {
   rotationSeconds: number;
   rotationClients: number;
   only: ReadonlySet<Part>;
+  pauseRatios: readonly number[];
   sweepEnvironment: Readonly<Record<string, string>>;
   daemonEnvironment: Readonly<Record<string, string>>;
   serverSettings: readonly string[];
@@ -108,6 +128,7 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
       'rotation-seconds': { type: 'string' },
       'rotation-clients': { type: 'string' },
       only: { type: 'string' },
+      'pause-ratios': { type: 'string' },
       'sweep-env': { type: 'string', multiple: true },
       'daemon-env': { type: 'string', multiple: true },
       'server-setting': { type: 'string', multiple: true },
@@ -173,6 +194,18 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
     rotationSeconds: whole('rotation-seconds', values['rotation-seconds'], quick ? 2 : 15, 1),
     rotationClients: whole('rotation-clients', values['rotation-clients'], 16, 1),
     only,
+    pauseRatios:
+      values['pause-ratios'] === undefined
+        ? quick
+          ? QUICK_PAUSE_RATIOS
+          : PAUSE_RATIOS
+        : values['pause-ratios'].split(',').map((value) => {
+            const number = Number(value.trim());
+            if (value.trim() === '' || !Number.isFinite(number) || number < 0) {
+              throw new Error(`--pause-ratios takes decimals ≥ 0, not ${value}`);
+            }
+            return number;
+          }),
     sweepEnvironment: environment('sweep-env', values['sweep-env']),
     daemonEnvironment: environment('daemon-env', values['daemon-env']),
     serverSettings: (values['server-setting'] ?? []).map((setting) => {
@@ -216,6 +249,8 @@ async function main(): Promise<number> {
   let purgeError: string | null = null;
   let sources: SourcesResult | null = null;
   let sourcesError: string | null = null;
+  let gentle: GentleResult | null = null;
+  let gentleError: string | null = null;
   let templates: Templates | undefined;
   let build: Promise<CompiledDaemon> | undefined;
   const warnings: string[] = [];
@@ -314,6 +349,25 @@ async function main(): Promise<number> {
         progress(`sources failed: ${sourcesError}`);
       }
     }
+    if (options.only.has('gentle')) {
+      try {
+        gentle = await measureGentle(server, templates, {
+          rows: options.rows,
+          revokedUnexpiredShare: options.revokedUnexpiredShare,
+          runs: options.runs,
+          pauseRatios: options.pauseRatios,
+          sweepEnvironment: options.sweepEnvironment,
+          workloadClients: options.workloadClients,
+          workloadOperationsPerSecond: options.workloadRate,
+          atRestMs: options.atRestSeconds * 1000,
+          quick: options.quick,
+          progress,
+        });
+      } catch (error) {
+        gentleError = describeError(error);
+        progress(`gentle failed: ${gentleError}`);
+      }
+    }
   } finally {
     await server.dispose();
     await build?.then((compiled) => compiled.dispose()).catch(() => undefined);
@@ -325,9 +379,12 @@ async function main(): Promise<number> {
       `the machine was busy before the run began (load average ${machine.loadAverageAtStart.toFixed(1)} on ${machine.cores} cores): other processes compete for the CPU, expect noisy figures`,
     );
   }
-  const failed =
-    collectProblems(summaries, purge, purgeError, warnings) ||
-    collectSourceProblems(sources, sourcesError, warnings);
+  // Every part's warnings, even after one part failed.
+  const failed = [
+    collectProblems(summaries, purge, purgeError, warnings),
+    collectSourceProblems(sources, sourcesError, warnings),
+    collectGentleProblems(gentle, gentleError, warnings),
+  ].some(Boolean);
   const results: BenchResults = {
     startedAt,
     durationMs: Math.round(performance.now() - started),
@@ -351,7 +408,9 @@ async function main(): Promise<number> {
     purgeError,
     sources,
     sourcesError,
-    goals: judgeGoals(summaries, purge, sources),
+    gentle,
+    gentleError,
+    goals: [...judgeGoals(summaries, purge, sources), ...judgeGentleGoals(gentle)],
     warnings,
     failed,
   };

@@ -2,6 +2,7 @@
 // goals of the issue. A benchmark measures and reports; a missed goal is a finding, never a
 // failure. Only a crash or a wrong deletion makes the run fail.
 import type { MachineDescription, ServerDescription } from './databases.js';
+import { renderGentle, type GentleResult } from './gentle.js';
 import type { PurgeResult } from './purge-latency.js';
 import type { ScenarioId, ScenarioRun } from './scenarios.js';
 import type { SourcesResult } from './sources.js';
@@ -52,6 +53,8 @@ export interface BenchResults {
   readonly purgeError: string | null;
   readonly sources: SourcesResult | null;
   readonly sourcesError: string | null;
+  readonly gentle: GentleResult | null;
+  readonly gentleError: string | null;
   readonly goals: readonly Goal[];
   readonly warnings: readonly string[];
   /** True when a scenario crashed or a check found a wrong deletion: the exit code is 1. */
@@ -273,6 +276,7 @@ export function renderMarkdown(results: BenchResults, resultsPath: string | null
   if (results.scenarios.length > 0) renderSweep(results, runs, lines);
   renderPurge(results, lines);
   renderSources(results, lines);
+  renderGentle(results.gentle, results.gentleError, lines);
 
   lines.push('', '## Goals', '', '| goal | measured | met |', '|---|--:|:-:|');
   for (const goal of results.goals) {
@@ -441,7 +445,7 @@ const METHOD_NOTES = [
   '- Purge sources, revoke → gone: as Purge above, on a fresh copy per source with that source installed, and no burst.',
 ];
 
-function formatNumber(value: number | null | undefined, digits: number): string {
+export function formatNumber(value: number | null | undefined, digits: number): string {
   if (value === null || value === undefined || !Number.isFinite(value)) return '–';
   return value.toLocaleString('en-US', {
     minimumFractionDigits: digits,
@@ -449,21 +453,21 @@ function formatNumber(value: number | null | undefined, digits: number): string 
   });
 }
 
-function formatMs(value: number | null | undefined): string {
+export function formatMs(value: number | null | undefined): string {
   if (value === null || value === undefined) return '–';
   if (value >= 10_000) return `${formatNumber(value / 1000, 1)} s`;
   if (value >= 1_000) return `${formatNumber(value / 1000, 2)} s`;
   return `${formatNumber(value, value >= 100 ? 0 : 1)} ms`;
 }
 
-function formatBytes(value: number | null | undefined): string {
+export function formatBytes(value: number | null | undefined): string {
   if (value === null || value === undefined) return '–';
   if (value >= 1e9) return `${formatNumber(value / 1e9, 2)} GB`;
   if (value >= 1e6) return `${formatNumber(value / 1e6, 1)} MB`;
   return `${formatNumber(value / 1e3, 0)} kB`;
 }
 
-function formatRatio(value: number | null): string {
+export function formatRatio(value: number | null): string {
   return value === null ? '–' : `${formatNumber(value, 2)}×`;
 }
 
