@@ -5,7 +5,7 @@
 // locks it holds, the WAL it writes in one go. What a page costs varies tenfold between
 // tables (the number of indexes a DELETE must maintain, triggers, how many rows per page are
 // dead), so a fixed page count cannot hold a time budget. The pacer measures each batch and
-// sizes the next to take about 70% of SWEEP_BATCH_TARGET_MS (AIM_SHARE), so that the slow
+// sizes the next to take about 60% of SWEEP_BATCH_TARGET_MS (AIM_SHARE), so that the slow
 // ones stay near the target. A batch slower than the aim shrinks
 // the next one at once, in proportion; a faster one grows it at most twofold, through an
 // average of the cost per page, so that one quick batch over empty pages does not make a
@@ -22,8 +22,8 @@
 // indexes), small so that it does not become the slowest of the walk.
 //
 // After each batch the worker pauses for SWEEP_PAUSE_RATIO times that batch's duration
-// (pt-archiver's --sleep-coef): at 1, the sweep holds a connection busy half the time and
-// leaves the other half to the auth service, whatever the table's cost per page.
+// (pt-archiver's --sleep-coef): at 2, the default, the sweep holds a connection busy a third
+// of the time and leaves the rest to the auth service, whatever the table's cost per page.
 import { setTimeout as delay } from 'node:timers/promises';
 
 /** The smallest and largest batch, in heap pages (8 KiB each by default). */
@@ -39,7 +39,7 @@ const MAX_GROWTH = 2;
  * page writes, the auth service's own load on the CPUs), and aiming at the target itself
  * measured a p99 well over it.
  */
-export const AIM_SHARE = 0.7;
+export const AIM_SHARE = 0.6;
 /** The recent batches the fixed cost is fitted on. */
 const FIT_WINDOW = 16;
 
