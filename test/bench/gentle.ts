@@ -26,7 +26,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 
 import pg from 'pg';
 
-import { spawnDaemon, waitFor, type LogLine } from '../support/cli.js';
+import { waitFor, type LogLine } from '../support/cli.js';
 import { createCluster, serverBinaries, type Cluster } from '../support/cluster.js';
 import { quoteTable } from '../support/fixtures.js';
 
@@ -35,6 +35,7 @@ import { formatBytes, formatMs, formatNumber, formatRatio, type Goal } from './r
 import {
   checkpoint,
   runScenario,
+  runSweepCommand,
   SCENARIOS,
   type ContenderOutcome,
   type Scenario,
@@ -53,7 +54,6 @@ const WORKLOAD_P99_GOAL = 1.5;
 const REPLAY_LAG_GOAL_MS = 2_000;
 const MAX_REPLICA_LAG = '1s';
 
-const SWEEP_TIMEOUT_MS = 10 * 60_000;
 const SAMPLE_INTERVAL_MS = 100;
 /** After the sweep, how long the standby gets to replay its WAL and report that it has. */
 const CATCH_UP_TIMEOUT_MS = 120_000;
@@ -466,78 +466,58 @@ async function runSweep(
   environment: Readonly<Record<string, string>>,
   onStarted: () => void = () => undefined,
 ): Promise<{ outcome: ContenderOutcome; figures: SweepFigures }> {
-  const child = spawnDaemon(['sweep'], {
-    DATABASE_URL: url,
-    REFRESH_TOKENS_TABLE: table,
-    PASSWORD_RESETS_TABLE: 'none',
-    LOG_LEVEL: 'debug',
-    ...environment,
-  });
-  try {
-    const started = await child.waitForLog('sweep.started', SWEEP_TIMEOUT_MS);
-    const from = performance.now();
-    onStarted();
-    const ended = await child.waitForLog(
-      (line) => ['sweep.finished', 'sweep.failed', 'sweep.skipped'].includes(line.event),
-      SWEEP_TIMEOUT_MS,
-    );
-    const to = performance.now();
-    const status = await child.exited;
-    if (ended.event !== 'sweep.finished' || status.code !== 0) {
-      throw new Error(
-        `token-reaper sweep ended with ${ended.event}, exit code ${status.code}\n${child.describeOutput()}`,
-      );
-    }
-    const during = child.logs.slice(child.logs.indexOf(started) + 1, child.logs.indexOf(ended));
-    const batches = during.filter(
-      (line) => line.event === 'sweep.batch' && typeof line['durationMs'] === 'number',
-    );
-    const durations = batches.map((line) => line['durationMs'] as number);
-    const pages = batches
-      .map((line) => Number(line['toPage']) - Number(line['fromPage']))
-      .filter((count) => Number.isFinite(count));
-    const throttled = during.filter((line) => line.event === 'sweep.throttled');
-    const computed: Durations = {
-      p50Ms: percentile(durations, 0.5),
-      p99Ms: percentile(durations, 0.99),
-      maxMs: maximum(durations),
-    };
-    const reported = readDurations(ended['batchDurationMs']);
-    const startedFields = Object.fromEntries(
-      Object.entries(started).filter(
-        ([key]) => !['timestamp', 'level', 'message', 'event'].includes(key),
-      ),
-    );
-    const figures: SweepFigures = {
-      batches: batches.length,
-      reported,
-      computed,
-      durations: reported ?? computed,
-      source: reported === null ? 'sweep.batch lines' : 'sweep.finished',
-      pages: { first: pages[0] ?? null, p50: median(pages), max: maximum(pages) },
-      busyMs: durations.reduce((sum, duration) => sum + duration, 0),
-      throttled: throttled.length,
-      firstThrottled: throttled[0] ?? null,
-      series: { pages, durationMs: durations },
-      startedFields,
-    };
-    return {
-      outcome: {
-        rowsReported: Number(ended['deleted']),
-        wallMs: Number(ended['durationMs']),
-        statements: batches.length,
-        slowestTransactionMs: computed.maxMs,
-        window: { from, to },
-        details: {
-          tables: ended['tables'],
-          ...(ended['partial'] ? { partial: ended['partial'] } : {}),
-        },
+  const { started, ended, during, window } = await runSweepCommand(
+    url,
+    table,
+    environment,
+    onStarted,
+  );
+  const batches = during.filter(
+    (line) => line.event === 'sweep.batch' && typeof line['durationMs'] === 'number',
+  );
+  const durations = batches.map((line) => line['durationMs'] as number);
+  const pages = batches
+    .map((line) => Number(line['toPage']) - Number(line['fromPage']))
+    .filter((count) => Number.isFinite(count));
+  const throttled = during.filter((line) => line.event === 'sweep.throttled');
+  const computed: Durations = {
+    p50Ms: percentile(durations, 0.5),
+    p99Ms: percentile(durations, 0.99),
+    maxMs: maximum(durations),
+  };
+  const reported = readDurations(ended['batchDurationMs']);
+  const startedFields = Object.fromEntries(
+    Object.entries(started).filter(
+      ([key]) => !['timestamp', 'level', 'message', 'event'].includes(key),
+    ),
+  );
+  const figures: SweepFigures = {
+    batches: batches.length,
+    reported,
+    computed,
+    durations: reported ?? computed,
+    source: reported === null ? 'sweep.batch lines' : 'sweep.finished',
+    pages: { first: pages[0] ?? null, p50: median(pages), max: maximum(pages) },
+    busyMs: durations.reduce((sum, duration) => sum + duration, 0),
+    throttled: throttled.length,
+    firstThrottled: throttled[0] ?? null,
+    series: { pages, durationMs: durations },
+    startedFields,
+  };
+  return {
+    outcome: {
+      rowsReported: Number(ended['deleted']),
+      wallMs: Number(ended['durationMs']),
+      statements: batches.length,
+      slowestTransactionMs: computed.maxMs,
+      window,
+      details: {
+        tables: ended['tables'],
+        ...(ended['partial'] ? { partial: ended['partial'] } : {}),
       },
-      figures,
-    };
-  } finally {
-    await child.kill();
-  }
+    },
+    figures,
+  };
 }
 
 /** `{ p50, p99, max }` in ms, as sweep.finished's batchDurationMs; null for anything else. */

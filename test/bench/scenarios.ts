@@ -264,17 +264,60 @@ async function sweepWithCli(
   environment: Readonly<Record<string, string>>,
 ): Promise<ContenderOutcome> {
   const spawnedAt = performance.now();
+  const { started, ended, during, window } = await runSweepCommand(database.url, template.table, {
+    ...sweepEnvironment,
+    ...environment,
+  });
+  const timed = during.filter((line) => typeof line['durationMs'] === 'number');
+  return {
+    rowsReported: Number(ended['deleted']),
+    wallMs: Number(ended['durationMs']),
+    statements: timed.length,
+    slowestTransactionMs: maximum(timed.map((line) => line['durationMs'] as number)),
+    window,
+    details: {
+      processWallMs: Math.round(performance.now() - spawnedAt),
+      // Against wallMs, what the sweep spends between its timed statements.
+      timedStatementsMs: timed.reduce((sum, line) => sum + (line['durationMs'] as number), 0),
+      events: countEvents(during),
+      tables: ended['tables'],
+      slowestBatch: slowestLine(timed),
+      partitionDdlMaxGapMs: largestGapBefore(during, started, /^sweep\.partition_/),
+    },
+  };
+}
+
+/** What one `token-reaper sweep` process logged, and when it swept. */
+export interface SweepCommandRun {
+  started: LogLine;
+  ended: LogLine;
+  /** The lines between sweep.started and sweep.finished. */
+  during: LogLine[];
+  /** From sweep.started to sweep.finished, as the bench's clock saw them. */
+  window: { from: number; to: number };
+}
+
+/**
+ * Runs `token-reaper sweep` on `table` at debug level, and throws unless it finished and
+ * exited 0. `onStarted` runs as soon as the sweep has logged sweep.started.
+ */
+export async function runSweepCommand(
+  url: string,
+  table: string,
+  environment: Readonly<Record<string, string>>,
+  onStarted: () => void = () => undefined,
+): Promise<SweepCommandRun> {
   const child = spawnDaemon(['sweep'], {
-    DATABASE_URL: database.url,
-    REFRESH_TOKENS_TABLE: template.table,
+    DATABASE_URL: url,
+    REFRESH_TOKENS_TABLE: table,
     PASSWORD_RESETS_TABLE: 'none',
     LOG_LEVEL: 'debug',
-    ...sweepEnvironment,
     ...environment,
   });
   try {
     const started = await child.waitForLog('sweep.started', SWEEP_TIMEOUT_MS);
     const from = performance.now();
+    onStarted();
     const ended = await child.waitForLog(
       (line) => ['sweep.finished', 'sweep.failed', 'sweep.skipped'].includes(line.event),
       SWEEP_TIMEOUT_MS,
@@ -287,23 +330,7 @@ async function sweepWithCli(
       );
     }
     const during = child.logs.slice(child.logs.indexOf(started) + 1, child.logs.indexOf(ended));
-    const timed = during.filter((line) => typeof line['durationMs'] === 'number');
-    return {
-      rowsReported: Number(ended['deleted']),
-      wallMs: Number(ended['durationMs']),
-      statements: timed.length,
-      slowestTransactionMs: maximum(timed.map((line) => line['durationMs'] as number)),
-      window: { from, to },
-      details: {
-        processWallMs: Math.round(performance.now() - spawnedAt),
-        // Against wallMs, what the sweep spends between its timed statements.
-        timedStatementsMs: timed.reduce((sum, line) => sum + (line['durationMs'] as number), 0),
-        events: countEvents(during),
-        tables: ended['tables'],
-        slowestBatch: slowestLine(timed),
-        partitionDdlMaxGapMs: largestGapBefore(during, started, /^sweep\.partition_/),
-      },
-    };
+    return { started, ended, during, window: { from, to } };
   } finally {
     await child.kill();
   }
