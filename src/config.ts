@@ -154,6 +154,11 @@ export interface LoadOptions {
    * otherwise. Defaults to whether stdout is a TTY.
    */
   terminal?: boolean;
+  /**
+   * A targets file's content, `{ "targets": [ … ] }`, given by a host that embeds the reaper
+   * (ReaperOptions.targets). It is read like the file and wins over TOKEN_REAPER_CONFIG.
+   */
+  targets?: unknown;
 }
 
 export function loadConfig(environment: Environment, options: LoadOptions = {}): Config {
@@ -199,17 +204,27 @@ export function loadConfig(environment: Environment, options: LoadOptions = {}):
       `NAIVE_TIMESTAMPS_TIMEZONE=${JSON.stringify(naiveTimestampsTimezone)} is not a known IANA time zone. Use the zone the auth service writes its timestamp without time zone columns in, usually "UTC".`,
     );
   }
-  const targetsFile = options.configPath ?? read('TOKEN_REAPER_CONFIG') ?? null;
+  const targetsFile =
+    options.targets === undefined
+      ? (options.configPath ?? read('TOKEN_REAPER_CONFIG') ?? null)
+      : null;
   const targets =
-    targetsFile === null
-      ? readEnvironmentTargets({
+    options.targets !== undefined
+      ? readTargets(
+          options.targets,
+          { source: 'targets', described: 'the targets option' },
           read,
           problems,
-          parseTableName: (variable, value) => parseTableName(variable, value, problems),
-          checkIdentifier: (variable, value) => checkIdentifier(variable, value, problems),
-          revokedGraceSeconds: readDuration(read, problems, 'REFRESH_TOKEN_REVOKED_GRACE'),
-        })
-      : readTargetsFile(targetsFile, read, problems);
+        )
+      : targetsFile === null
+        ? readEnvironmentTargets({
+            read,
+            problems,
+            parseTableName: (variable, value) => parseTableName(variable, value, problems),
+            checkIdentifier: (variable, value) => checkIdentifier(variable, value, problems),
+            revokedGraceSeconds: readDuration(read, problems, 'REFRESH_TOKEN_REVOKED_GRACE'),
+          })
+        : readTargetsFile(targetsFile, read, problems);
 
   const batchPages = readInteger(read, problems, 'SWEEP_BATCH_PAGES', 100, 1, 1_000_000);
   const concurrency = readInteger(read, problems, 'SWEEP_CONCURRENCY', 1, 1, 64);
@@ -417,12 +432,6 @@ function readTargetsFile(
   read: (name: string) => string | undefined,
   problems: string[],
 ): TargetRule[] {
-  const conflicting = TARGET_VARIABLES.filter((name) => read(name) !== undefined);
-  if (conflicting.length > 0) {
-    problems.push(
-      `${conflicting.join(', ')} ${conflicting.length === 1 ? 'is' : 'are'} set, and so is a targets file (${path}), whose targets are all the targets. Describe the tables in the file, or unset the file.`,
-    );
-  }
   let content: unknown;
   try {
     content = JSON.parse(readFileSync(path, 'utf8'));
@@ -438,10 +447,34 @@ function readTargetsFile(
     );
     return [];
   }
+  return readTargets(
+    content,
+    { source: path, described: `a targets file (${path})` },
+    read,
+    problems,
+  );
+}
+
+/**
+ * A targets file's parsed content. `source` begins every problem in it (the file's path);
+ * `described` says in a sentence where the targets came from.
+ */
+function readTargets(
+  content: unknown,
+  { source, described }: { source: string; described: string },
+  read: (name: string) => string | undefined,
+  problems: string[],
+): TargetRule[] {
+  const conflicting = TARGET_VARIABLES.filter((name) => read(name) !== undefined);
+  if (conflicting.length > 0) {
+    problems.push(
+      `${conflicting.join(', ')} ${conflicting.length === 1 ? 'is' : 'are'} set, and so is ${described}, whose targets are all the targets. Describe the tables there, or unset the variables.`,
+    );
+  }
   return readTargetFile(
     content,
     {
-      source: path,
+      source,
       parseTableName: (label, value) =>
         isTableName(value) ? parseTableName(label, value, []) : null,
       isIdentifier: (value) =>

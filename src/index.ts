@@ -6,7 +6,8 @@ import { loadConfig, type Config } from './config.js';
 import { createDaemon, type Health, type Readiness, type StopOptions } from './daemon.js';
 import { createDatabasePool } from './db.js';
 import { createReaperEvents, type ReaperEvents } from './events.js';
-import { createLogger, type Logger } from './logger.js';
+import { explainTargets, type Explanation } from './explain.js';
+import { createHostLogger, createLogger, type HostLogger, type Logger } from './logger.js';
 import { wantsColors } from './pretty.js';
 import type { SweepOptions, SweepOutcome } from './sweep/sweeper.js';
 import { VERSION } from './version.js';
@@ -22,7 +23,9 @@ export type {
 } from './events.js';
 export type { Health, Readiness, StopOptions, UnreadyReason } from './daemon.js';
 export type { ReadinessProblem } from './readiness.js';
-export type { Logger } from './logger.js';
+export type { Explanation, SourceExplanation, TargetExplanation } from './explain.js';
+export { createHostLogger } from './logger.js';
+export type { HostLogger, Logger } from './logger.js';
 export type { SweepOptions, SweepOutcome, TableSweepResult } from './sweep/sweeper.js';
 export type { Config };
 export { createMetrics, startMetricsServer } from './metrics.js';
@@ -41,6 +44,27 @@ export interface ReaperOptions {
    * `settings` are obeyed). Unlike the CLI, an unset LOG_FORMAT means JSON even on a terminal.
    */
   logger?: Logger;
+  /**
+   * A host's logger (NestJS's `Logger`, say) to write short lines to at LOG_LEVEL, without
+   * the time and level it prints itself; used when `logger` is not given.
+   */
+  hostLogger?: HostLogger;
+  /**
+   * A targets file's content, `{ "targets": [ … ] }` (docs/configuration.md), instead of a path
+   * in TOKEN_REAPER_CONFIG: `import targets from './token-reaper.json'`, say.
+   */
+  targets?: unknown;
+  /**
+   * False when the host runs the sweep schedule itself (the NestJS module's SchedulerRegistry
+   * job), calling `sweep({ trigger: 'schedule' })`: the reaper then starts no timer of its own.
+   * `config.sweep.schedule` and `config.scheduleEnabled` still say when sweeps are due.
+   */
+  schedule?: boolean;
+}
+
+export interface ReaperSweepOptions extends SweepOptions {
+  /** What the sweep's log lines and metrics say started it; `api` unless a host's schedule did. */
+  trigger?: 'api' | 'schedule';
 }
 
 export interface Reaper {
@@ -61,15 +85,21 @@ export interface Reaper {
    */
   stop(options?: StopOptions): Promise<void>;
   /** One sweep now; joins one already running. Never throws: failures are outcomes. */
-  sweep(options?: SweepOptions): Promise<SweepOutcome>;
+  sweep(options?: ReaperSweepOptions): Promise<SweepOutcome>;
+  /** What `token-reaper explain --json` prints: each target's shape, rule and counts. */
+  explain(): Promise<Explanation>;
 }
 
 /** Throws ConfigurationError (naming every bad setting) before touching the database. */
 export async function createReaper(options: ReaperOptions): Promise<Reaper> {
   // Not `pretty` on a terminal by default: a host's own logs decide what its terminal shows.
-  const config = loadConfig(options.settings, { terminal: false });
+  const config = loadConfig(options.settings, {
+    terminal: false,
+    ...(options.targets === undefined ? {} : { targets: options.targets }),
+  });
   const logger =
     options.logger ??
+    (options.hostLogger && createHostLogger(options.hostLogger, config.logLevel)) ??
     createLogger({
       level: config.logLevel,
       format: config.logFormat,
@@ -79,7 +109,13 @@ export async function createReaper(options: ReaperOptions): Promise<Reaper> {
   const pool = await createDatabasePool(config, logger, {
     maximumPoolSize: config.sweep.concurrency + 2,
   });
-  const daemon = createDaemon({ config, logger, pool, version: VERSION, events });
+  const daemon = createDaemon({
+    config: options.schedule === false ? { ...config, scheduleEnabled: false } : config,
+    logger,
+    pool,
+    version: VERSION,
+    events,
+  });
   return {
     events,
     config,
@@ -90,6 +126,7 @@ export async function createReaper(options: ReaperOptions): Promise<Reaper> {
     health: () => daemon.health(),
     start: () => daemon.start(),
     stop: (options) => daemon.stop(options),
-    sweep: (sweepOptions) => daemon.sweep('api', sweepOptions),
+    sweep: ({ trigger = 'api', ...sweepOptions } = {}) => daemon.sweep(trigger, sweepOptions),
+    explain: () => explainTargets(pool, config),
   };
 }

@@ -9,7 +9,7 @@
 // dropped and counted, and once the stream drains one `log.dropped` line says how many.
 import type { Writable } from 'node:stream';
 import winston from 'winston';
-import type { LogFormat, LogLevel } from './config.js';
+import { LOG_LEVELS, type LogFormat, type LogLevel } from './config.js';
 import { formatPrettyLine, type StatusLine } from './pretty.js';
 import { redactSecrets } from './redact.js';
 
@@ -59,16 +59,8 @@ const MESSAGE = Symbol.for('message');
 
 export function createLogger(options: LoggerOptions): Logger {
   const colors = options.colors ?? false;
-  const format = winston.format.combine(
-    winston.format.timestamp(),
-    // Before either format: what is redacted is redacted in both.
-    winston.format((info) => Object.assign(info, redactSecrets({ ...info })))(),
-    options.format === 'pretty'
-      ? winston.format((info) => {
-          info[MESSAGE] = formatPrettyLine(info, { colors });
-          return info;
-        })()
-      : winston.format.json(),
+  const format = lineFormat(
+    options.format === 'pretty' ? (info) => formatPrettyLine(info, { colors }) : null,
   );
   const winstonLogger = winston.createLogger({
     level: options.level,
@@ -88,6 +80,65 @@ export function createLogger(options: LoggerOptions): Logger {
       winstonLogger.end();
     });
   return wrap(winstonLogger, flush);
+}
+
+/**
+ * The methods of a host application's logger that token-reaper writes to: NestJS's `Logger`
+ * has them, and so do most others (console, pino and winston through a small adapter).
+ */
+export interface HostLogger {
+  error(message: string): void;
+  warn(message: string): void;
+  log(message: string): void;
+  debug?(message: string): void;
+}
+
+/**
+ * A logger that hands each entry to the host's logger as one short line, `event message
+ * key=value…`, redacted and escaped like a pretty line, without the time and level that the
+ * host's logger prints itself. Entries below `level` are left out.
+ */
+export function createHostLogger(
+  host: HostLogger,
+  level: LogLevel,
+  component: string | null = null,
+): Logger {
+  const write =
+    (entryLevel: 'error' | 'warn' | 'info' | 'debug', send: (line: string) => void) =>
+    (event: string, message: string, fields: LogFields = {}) => {
+      if (LOG_LEVELS.indexOf(entryLevel) > LOG_LEVELS.indexOf(level)) return;
+      const entry = redactSecrets({
+        ...serializeErrors(fields),
+        level: entryLevel,
+        message,
+        event,
+        ...(component === null ? {} : { component }),
+      }) as LogFields;
+      send(formatPrettyLine(entry, { colors: false, bare: true }));
+    };
+  return {
+    error: write('error', (line) => host.error(line)),
+    warn: write('warn', (line) => host.warn(line)),
+    info: write('info', (line) => host.log(line)),
+    debug: write('debug', (line) => (host.debug ?? host.log).call(host, line)),
+    child: (name) => createHostLogger(host, level, name),
+    flush: () => Promise.resolve(),
+  };
+}
+
+/** Timestamped and redacted, then one JSON object, or the line `pretty` makes. */
+function lineFormat(pretty: ((info: winston.Logform.TransformableInfo) => string) | null) {
+  return winston.format.combine(
+    winston.format.timestamp(),
+    // Before either format: what is redacted is redacted in both.
+    winston.format((info) => Object.assign(info, redactSecrets({ ...info })))(),
+    pretty === null
+      ? winston.format.json()
+      : winston.format((info) => {
+          info[MESSAGE] = pretty(info);
+          return info;
+        })(),
+  );
 }
 
 /**

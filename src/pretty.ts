@@ -15,6 +15,8 @@ import type { SweepProgressEvent } from './events.js';
 export interface PrettyOptions {
   /** ANSI colours: on a terminal, or when FORCE_COLOR asks (wantsColors). */
   colors: boolean;
+  /** Without the time and the level, for a host's logger that prints its own (createHostLogger). */
+  bare?: boolean;
 }
 
 /** Fields every line has, shown in their own places or (component) not at all. */
@@ -66,8 +68,12 @@ export function formatPrettyLine(info: Record<string, unknown>, options: PrettyO
   const level = String(info.level);
   const message = String(info.message ?? '');
   const parts = [
-    paint('gray', clock(info.timestamp)),
-    paint(LEVEL_STYLES[level] ?? 'bold', level.toUpperCase().padEnd(5)),
+    ...(options.bare === true
+      ? []
+      : [
+          paint('gray', clock(info.timestamp)),
+          paint(LEVEL_STYLES[level] ?? 'bold', level.toUpperCase().padEnd(5)),
+        ]),
     paint('cyan', escapeControl(String(info.event ?? '-'))),
     escapeControl(message),
   ];

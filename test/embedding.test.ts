@@ -136,4 +136,65 @@ describe('the library API', () => {
       expect((error as ConfigurationError).problems).to.have.length(2);
     }
   });
+
+  it('takes a targets file’s content, writes short lines to a host’s logger, and leaves the schedule to the host', async () => {
+    const lines: { level: string; line: string }[] = [];
+    const host = {
+      log: (line: string) => lines.push({ level: 'log', line }),
+      warn: (line: string) => lines.push({ level: 'warn', line }),
+      error: (line: string) => lines.push({ level: 'error', line }),
+    };
+    const reaper = await createReaper({
+      // No NODE_ENV=test: only `schedule: false` keeps the reaper from scheduling sweeps.
+      settings: { DATABASE_URL: database.url },
+      targets: {
+        targets: [
+          {
+            table: 'password_resets',
+            marker: { column: 'used' },
+            expiry: { column: 'expires_at' },
+          },
+        ],
+      },
+      hostLogger: host,
+      schedule: false,
+    });
+    await reaper.start();
+    try {
+      const explanation = await reaper.explain();
+      expect(explanation.targets.map((target) => target.table)).to.deep.equal([
+        'public.password_resets',
+      ]);
+      const outcome = await reaper.sweep({ trigger: 'schedule' });
+      expect(outcome).to.include({ status: 'finished', trigger: 'schedule' });
+      expect(Object.keys('tables' in outcome ? outcome.tables : {})).to.deep.equal([
+        'public.password_resets',
+      ]);
+    } finally {
+      await reaper.stop();
+    }
+    const started = lines.find(({ line }) => line.startsWith('daemon.started '));
+    expect(started, 'daemon.started went to the host logger').to.include({ level: 'log' });
+    // No schedule of its own, and none of the time and level the host prints itself.
+    expect(started!.line)
+      .not.to.include('schedule=')
+      .and.not.to.match(/^\d\d:/);
+    expect(lines.map(({ line }) => line).join('\n')).not.to.include(database.url);
+    expect(lines.some(({ line }) => line.startsWith('sweep.finished '))).to.equal(true);
+  });
+
+  it('names the targets option in the problems of its content', async () => {
+    try {
+      await createReaper({
+        settings: { DATABASE_URL: database.url, REFRESH_TOKENS_TABLE: 'refresh_tokens' },
+        targets: { targets: [{ table: 'password_resets' }] },
+      });
+      expect.fail('createReaper accepted a target that can never be dead');
+    } catch (error) {
+      expect(error).to.be.instanceOf(ConfigurationError);
+      const problems = (error as ConfigurationError).problems.join('\n');
+      expect(problems).to.include('REFRESH_TOKENS_TABLE is set, and so is the targets option');
+      expect(problems).to.include('targets: targets[0]');
+    }
+  });
 });

@@ -6,6 +6,7 @@ import { expect } from 'chai';
 import { loadConfig } from '../src/config.js';
 import type { SweepProgressEvent } from '../src/events.js';
 import {
+  createHostLogger,
   createLogger,
   DEFAULT_LOG_BUFFER_LIMIT_BYTES,
   serializeError,
@@ -233,6 +234,41 @@ describe('the logger', () => {
       expect(withoutTime(report)).to.match(
         /^WARN {2}log\.dropped \d+ log lines dropped while the log stream was not draining {2}dropped=\d+$/,
       );
+    });
+  });
+
+  describe('to a host’s logger (createHostLogger)', () => {
+    it('hands each entry at or above the level to the host’s method, short, redacted and without time or level', () => {
+      const calls: string[] = [];
+      const host = {
+        log: (line: string) => calls.push(`log ${line}`),
+        warn: (line: string) => calls.push(`warn ${line}`),
+        error: (line: string) => calls.push(`error ${line}`),
+      };
+      const logger = createHostLogger(host, 'info').child('sweeper');
+      logger.info('sweep.finished', 'sweep finished', { deleted: 3, token_hash: 'abc123' });
+      logger.warn('listener.lost', 'lost postgres://reaper:hunter2@db/auth', {});
+      logger.error('purge.failed', 'purge failed', { error: new Error('boom') });
+      logger.debug('purge.batch', 'not at info');
+      expect(calls).to.deep.equal([
+        'log sweep.finished sweep finished  deleted=3 token_hash=[redacted]',
+        'warn listener.lost lost postgres://reaper:***@db/auth',
+        'error purge.failed purge failed  error=boom',
+      ]);
+    });
+
+    it('sends debug entries to the host’s debug, or to log when it has none', () => {
+      const calls: string[] = [];
+      const withDebug = { log: () => undefined, warn: () => undefined, error: () => undefined };
+      createHostLogger(
+        { ...withDebug, debug: (line: string) => calls.push(`debug ${line}`) },
+        'debug',
+      ).debug('purge.batch', 'a batch');
+      createHostLogger({ ...withDebug, log: (line) => calls.push(`log ${line}`) }, 'debug').debug(
+        'purge.batch',
+        'a batch',
+      );
+      expect(calls).to.deep.equal(['debug purge.batch a batch', 'log purge.batch a batch']);
     });
   });
 
