@@ -192,11 +192,11 @@ describe('the documentation', () => {
     expect(mentions).to.deep.equal([]);
   });
 
-  it('shows the NestJS provider that test/embedding.test.ts runs', () => {
-    const example = [...read('README.md').matchAll(/```ts\n([\s\S]*?)```/g)]
-      .map((match) => match[1]!)
-      .find((code) => code.includes('class TokenCleanupService'));
-    expect(example, 'the README has a TokenCleanupService example').to.be.a('string');
+  it('shows the createReaper provider that test/embedding.test.ts runs', () => {
+    const example = codeBlocks('docs/nestjs.md').find((code) =>
+      code.includes('class TokenCleanupService'),
+    );
+    expect(example, 'docs/nestjs.md has a TokenCleanupService example').to.be.a('string');
     const test = read('test/embedding.test.ts');
     const testClass = /class TokenCleanupService[\s\S]*?\n}\n/.exec(test)?.[0];
     expect(testClass, 'test/embedding.test.ts has a TokenCleanupService').to.be.a('string');
@@ -208,4 +208,23 @@ describe('the documentation', () => {
     expect(shape(example!)).to.deep.equal(shape(testClass!));
     expect(example).to.include("from 'token-reaper'");
   });
+
+  it('shows the NestJS module as the Nest test app configures it', () => {
+    const example = codeBlocks('README.md').find((code) => code.includes('TokenReaperModule'));
+    expect(example, 'the README has a TokenReaperModule example').to.be.a('string');
+    const app = read('test/fixtures/nestjs/app/app.cjs');
+    // Each call the example makes on a Nest or token-reaper module, the test app makes too.
+    const calls = (code: string) =>
+      new Set([...code.matchAll(/\b([A-Z]\w+Module)\.(forRoot\w*)\(/g)].map((match) => match[0]));
+    expect([...calls(example!)].filter((call) => !calls(app).has(call))).to.deep.equal([]);
+    for (const key of ['imports: [ConfigModule]', 'inject: [ConfigService]', 'settings:']) {
+      expect(example).to.include(key);
+      expect(app).to.include(key);
+    }
+  });
 });
+
+/** The ```ts blocks of a markdown file. */
+function codeBlocks(path: string): string[] {
+  return [...read(path).matchAll(/```ts\n([\s\S]*?)```/g)].map((match) => match[1]!);
+}

@@ -9,7 +9,8 @@
 // running, global teardown kills the rest, and a process 'exit' listener is the last resort, so
 // a failing test never leaves an orphaned daemon behind.
 
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess, type ChildProcessByStdio } from 'node:child_process';
+import type { Readable } from 'node:stream';
 import { setTimeout as delay } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 
@@ -164,14 +165,19 @@ export function spawnProcess(
   command: string,
   args: readonly string[],
   environment: ChildEnvironment = {},
-  options: { readonly label?: string; readonly cwd?: string } = {},
+  options: {
+    readonly label?: string;
+    readonly cwd?: string;
+    /** An IPC channel as a fourth stdio: child.send and the child's process.send. */
+    readonly ipc?: boolean;
+  } = {},
 ): ProcessHandle {
   const label = options.label ?? [command, ...args].join(' ');
   const child = spawn(command, args, {
     cwd: options.cwd ?? repositoryRoot,
     env: cleanEnvironment(environment),
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+    stdio: options.ipc === true ? ['ignore', 'pipe', 'pipe', 'ipc'] : ['ignore', 'pipe', 'pipe'],
+  }) as ChildProcessByStdio<null, Readable, Readable>;
 
   const logs: LogLine[] = [];
   const otherStdoutLines: string[] = [];

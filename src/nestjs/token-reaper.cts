@@ -1,0 +1,241 @@
+// The injectable reaper of a NestJS app. It starts on application bootstrap and stops on
+// shutdown, and it never takes the app down: a problem at start (a bad setting, a missing
+// table, a database that does not answer) is logged as an error and reported by the health
+// indicator while the app keeps serving, and start is tried again later, except for a bad
+// setting, which only a new deployment changes. `failFast: true` rethrows it instead.
+//
+// This file is CommonJS, like the Nest apps that load it, and it requires the ES module core
+// at bootstrap rather than when it is itself required. Node requires ES modules from 20.19
+// and 22.12 on, but Jest's own module loader only from Node 24.9 on: loaded late, the core's
+// failure to load in an older Jest is a failed start like any other, and every spec that
+// imports an app's modules still runs.
+import { Logger, type OnApplicationBootstrap, type OnApplicationShutdown } from '@nestjs/common';
+import type { ModuleRef } from '@nestjs/core';
+import type { SchedulerRegistry } from '@nestjs/schedule';
+import { createRequire } from 'node:module';
+import type * as Core from '../index.js';
+import { DEFAULT_CRON_JOB_NAME, type TokenReaperModuleOptions } from './options.cjs';
+
+export type TokenReaperState = 'starting' | 'running' | 'failed' | 'stopped';
+
+export interface TokenReaperStatus {
+  readonly state: TokenReaperState;
+  /** Up while running and ready: listening, and the tables and rights as needed. */
+  readonly up: boolean;
+  /** Why it is not up: the error of a failed start, or the readiness reasons. */
+  readonly problem: string | null;
+  readonly reasons: readonly string[];
+  /** The next start attempt after a failed one, or null. */
+  readonly retryAt: string | null;
+}
+
+/** What sweep() and explain() throw while the reaper is not running. */
+export class TokenReaperUnavailableError extends Error {
+  override name = 'TokenReaperUnavailableError';
+}
+
+/** The pause before the first new attempt at a failed start; it doubles up to the maximum. */
+const FIRST_RETRY_MS = 5_000;
+const MAX_RETRY_MS = 5 * 60_000;
+
+/** The methods of a `cron` CronJob that this file uses, in every version @nestjs/schedule has used. */
+interface CronJobLike {
+  start(): void;
+  stop(): unknown;
+}
+
+export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdown {
+  readonly #options: TokenReaperModuleOptions;
+  readonly #moduleRef: ModuleRef;
+  readonly #logger = new Logger('TokenReaper');
+  #state: TokenReaperState = 'stopped';
+  #reaper: Core.Reaper | null = null;
+  #problem: string | null = null;
+  #starting: Promise<void> | null = null;
+  #retryTimer: NodeJS.Timeout | null = null;
+  #retryAt: Date | null = null;
+  #retryPauseMs = FIRST_RETRY_MS;
+  #cronJob: { registry: SchedulerRegistry; name: string } | null = null;
+  #shutDown = false;
+
+  constructor(options: TokenReaperModuleOptions, moduleRef: ModuleRef) {
+    this.#options = options;
+    this.#moduleRef = moduleRef;
+  }
+
+  async onApplicationBootstrap(): Promise<void> {
+    const starting = this.#start();
+    if (this.#options.failFast === true) await starting;
+    else starting.catch(() => undefined); // logged, and kept for status()
+  }
+
+  async onApplicationShutdown(): Promise<void> {
+    this.#shutDown = true;
+    if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    this.#retryAt = null;
+    await this.#starting?.catch(() => undefined);
+    this.#removeCronJob();
+    await this.#reaper?.stop();
+    this.#reaper = null;
+    this.#state = 'stopped';
+  }
+
+  /** One sweep now; joins one already running. Failures are outcomes, as in the core. */
+  sweep(options?: Core.ReaperSweepOptions): Promise<Core.SweepOutcome> {
+    return this.#running().sweep(options);
+  }
+
+  /** Each target's shape, rule and counts, as `token-reaper explain --json` prints them. */
+  explain(): Promise<Core.Explanation> {
+    return this.#running().explain();
+  }
+
+  /** The core reaper while running (its events, config and readiness), else null. */
+  get reaper(): Core.Reaper | null {
+    return this.#state === 'running' ? this.#reaper : null;
+  }
+
+  status(): TokenReaperStatus {
+    const readiness = this.#state === 'running' ? this.#reaper?.readiness() : undefined;
+    const reasons = readiness?.reasons ?? [];
+    return {
+      state: this.#state,
+      up: readiness?.ready === true,
+      problem:
+        this.#problem ??
+        (readiness && !readiness.ready
+          ? readiness.problems.map((problem) => problem.message).join(' ') || reasons.join(', ')
+          : null),
+      reasons,
+      retryAt: this.#retryAt?.toISOString() ?? null,
+    };
+  }
+
+  #running(): Core.Reaper {
+    if (this.#state === 'running' && this.#reaper) return this.#reaper;
+    throw new TokenReaperUnavailableError(
+      `token-reaper is ${this.#state}${this.#problem ? `: ${this.#problem}` : ''}`,
+    );
+  }
+
+  #start(): Promise<void> {
+    this.#state = 'starting';
+    this.#starting = this.#attempt().then(
+      () => {
+        this.#state = 'running';
+        this.#problem = null;
+        this.#retryPauseMs = FIRST_RETRY_MS;
+      },
+      (error: unknown) => {
+        this.#state = 'failed';
+        throw error;
+      },
+    );
+    return this.#starting;
+  }
+
+  async #attempt(): Promise<void> {
+    let core: typeof Core;
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded late on purpose (above)
+      core = require('../index.js') as typeof Core;
+    } catch (error) {
+      throw this.#failed(error, 'could not be loaded', false);
+    }
+    const registry = this.#schedulerRegistry();
+    let reaper: Core.Reaper;
+    try {
+      reaper = await core.createReaper({
+        ...this.#options,
+        hostLogger: this.#options.logger ? undefined : this.#logger,
+        schedule: registry === null,
+      });
+    } catch (error) {
+      // A setting is wrong, and only a new deployment changes settings: no retry.
+      throw this.#failed(
+        error,
+        'is not configured right',
+        !(error instanceof core.ConfigurationError),
+      );
+    }
+    try {
+      await reaper.start();
+      if (registry !== null && reaper.config.scheduleEnabled) this.#addCronJob(registry, reaper);
+    } catch (error) {
+      await reaper.stop().catch(() => undefined);
+      throw this.#failed(error, 'could not start', true);
+    }
+    if (this.#shutDown) {
+      await reaper.stop();
+      return;
+    }
+    this.#reaper = reaper;
+  }
+
+  /** Logs a failed start, keeps it for status(), and plans the next attempt. */
+  #failed(error: unknown, what: string, retry: boolean): unknown {
+    const message = error instanceof Error ? error.message : String(error);
+    this.#problem = `token-reaper ${what}: ${message}`;
+    const retrying = retry && !this.#shutDown && this.#options.failFast !== true;
+    this.#logger.error(
+      retrying
+        ? `${this.#problem} (the app keeps serving; trying again in ${Math.round(this.#retryPauseMs / 1000)} s)`
+        : `${this.#problem}${this.#options.failFast === true ? '' : ' (the app keeps serving)'}`,
+    );
+    if (retrying) {
+      this.#retryAt = new Date(Date.now() + this.#retryPauseMs);
+      this.#retryTimer = setTimeout(() => {
+        this.#retryTimer = null;
+        this.#retryAt = null;
+        this.#start().catch(() => undefined);
+      }, this.#retryPauseMs);
+      this.#retryTimer.unref();
+      this.#retryPauseMs = Math.min(this.#retryPauseMs * 2, MAX_RETRY_MS);
+    }
+    return error;
+  }
+
+  /** The app's SchedulerRegistry, when @nestjs/schedule is installed and its module imported. */
+  #schedulerRegistry(): SchedulerRegistry | null {
+    let schedule: typeof import('@nestjs/schedule');
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- an optional peer dependency
+      schedule = require('@nestjs/schedule') as typeof import('@nestjs/schedule');
+    } catch {
+      return null;
+    }
+    try {
+      return this.#moduleRef.get(schedule.SchedulerRegistry, { strict: false });
+    } catch {
+      return null;
+    }
+  }
+
+  /** The sweep as a SchedulerRegistry cron job, built with @nestjs/schedule's own `cron`. */
+  #addCronJob(registry: SchedulerRegistry, reaper: Core.Reaper) {
+    const { CronJob } = createRequire(require.resolve('@nestjs/schedule'))('cron') as {
+      CronJob: { from(options: Record<string, unknown>): CronJobLike };
+    };
+    const job = CronJob.from({
+      cronTime: reaper.config.sweep.schedule,
+      onTick: () => void reaper.sweep({ trigger: 'schedule' }),
+      start: false,
+      ...(reaper.config.sweep.timezone === null ? {} : { timeZone: reaper.config.sweep.timezone }),
+    });
+    const name = this.#options.cronJobName ?? DEFAULT_CRON_JOB_NAME;
+    registry.addCronJob(name, job as Parameters<SchedulerRegistry['addCronJob']>[1]);
+    this.#cronJob = { registry, name };
+    job.start();
+    this.#logger.log(
+      `sweeps on "${reaper.config.sweep.schedule}" as the SchedulerRegistry cron job ${name}`,
+    );
+  }
+
+  #removeCronJob() {
+    if (this.#cronJob === null) return;
+    const { registry, name } = this.#cronJob;
+    this.#cronJob = null;
+    // ScheduleModule may have removed its jobs already on shutdown.
+    if (registry.doesExist('cron', name)) registry.deleteCronJob(name);
+  }
+}

@@ -1,0 +1,200 @@
+// token-reaper/nestjs in real Nest 10 and Nest 11 apps (test/fixtures/nestjs), with the package
+// installed as a user installs it: the app boots, purges a revocation, sweeps on a schedule and
+// on demand, reports its health through @nestjs/terminus, survives a broken configuration and
+// a missing table, and closes cleanly; and a ts-jest spec of a team's module imports it.
+import { expect } from 'chai';
+import { stripVTControlCharacters } from 'node:util';
+import { runCli, waitFor } from './support/cli.js';
+import { prepareNestProject, runOrExplain, type NestFixture } from './support/consumers.js';
+import { useTestDatabase, type TestDatabaseHandle } from './support/database.js';
+import { createReferenceSchema, insertRandomRows } from './support/fixtures.js';
+import { launchNestApp, type AppEvent, type NestApp } from './support/nest-app.js';
+
+/** Whether Jest can require ES modules here: Node 24.9+, with --experimental-vm-modules. */
+const [major = 0, minor = 0] = process.versions.node.split('.').map(Number);
+const nodeRequiresEsmInJest = major > 24 || (major === 24 && minor >= 9);
+
+const FIXTURES: readonly { fixture: NestFixture; jestRequiresEsm: boolean }[] = [
+  { fixture: 'nest10', jestRequiresEsm: false }, // Jest 29
+  { fixture: 'nest11', jestRequiresEsm: nodeRequiresEsmInJest }, // Jest 30.5
+];
+
+for (const { fixture, jestRequiresEsm } of FIXTURES) {
+  describe(`token-reaper/nestjs in a ${fixture.replace('nest', 'Nest ')} app`, function () {
+    // The first run installs the app's packages from the npm registry.
+    this.timeout(120_000);
+    const database = useTestDatabase(`nestjs_${fixture}`);
+    let project: string;
+    let app: NestApp | null = null;
+
+    before(async function () {
+      this.timeout(15 * 60_000);
+      project = await prepareNestProject(fixture);
+      await createReferenceSchema(database.current);
+      await insertRandomRows(database.current, { table: 'refresh_tokens', count: 500, seed: 0.3 });
+      const install = await runCli(['install'], { DATABASE_URL: database.url });
+      expect(install.code, install.stderr).to.equal(0);
+    });
+
+    afterEach(async () => {
+      await app?.process.kill();
+      app = null;
+    });
+
+    it('boots, purges a revocation, sweeps as a SchedulerRegistry job and on demand, answers /health, and closes cleanly', async () => {
+      app = launchNestApp(project, {
+        settings: { DATABASE_URL: database.url, REFRESH_TOKEN_CLEANUP_CRON: '* * * * * *' },
+        schedule: true,
+      });
+      await app.listening;
+      const status = await app.settled();
+      expect(status).to.include({ state: 'running', up: true, problem: null });
+      const health = await app.get('/health');
+      expect(health.status).to.equal(200);
+      expect(health.body).to.nested.include({ 'info.token-reaper.status': 'up' });
+      expect(await app.ask('cronJobs')).to.deep.include({ names: ['token-reaper-sweep'] });
+
+      await app.ask('watchSweeps');
+      await revokeAndAwaitPurge(database);
+
+      await app.waitForEvent(
+        (event) => event.event === 'sweep' && event.trigger === 'schedule',
+        'a sweep started by the SchedulerRegistry job',
+      );
+      const { outcome } = await app.ask<{ outcome: { status: string; trigger: string } }>('sweep');
+      expect(outcome).to.include({ status: 'finished', trigger: 'api' });
+      const dead = await database.query(
+        `SELECT count(*)::int AS count FROM refresh_tokens WHERE revoked OR expires_at < now()`,
+      );
+      expect(dead[0]!.count).to.equal(0);
+      const { explanation } = await app.ask<{ explanation: { targets: { table: string }[] } }>(
+        'explain',
+      );
+      expect(explanation.targets.map((target) => target.table)).to.include('public.refresh_tokens');
+
+      const exit = await app.close();
+      expect(exit).to.deep.include({ code: 0 });
+      // Through Nest's Logger: its own prefix and context, then the event.
+      const output = stripVTControlCharacters(app.process.stdout);
+      expect(output).to.match(/\[TokenReaper\] daemon\.started token-reaper/);
+      expect(output).to.match(/\[TokenReaper\] daemon\.stopped/);
+      expect(app.process.stdout).not.to.include('"event"');
+    });
+
+    it('sweeps on its own schedule when the app does not import ScheduleModule', async () => {
+      app = launchNestApp(project, {
+        settings: { DATABASE_URL: database.url, REFRESH_TOKEN_CLEANUP_CRON: '* * * * * *' },
+        schedule: false,
+      });
+      expect((await app.settled()).state).to.equal('running');
+      await app.ask('watchSweeps');
+      await app.waitForEvent(
+        (event: AppEvent) => event.event === 'sweep' && event.trigger === 'schedule',
+        'a sweep started by the reaper’s own schedule',
+      );
+      expect(await app.close()).to.deep.include({ code: 0 });
+    });
+
+    it('keeps serving with a broken configuration, logs it as an error and reports it on /health', async () => {
+      app = launchNestApp(project, {
+        settings: { DATABASE_URL: database.url, SWEEP_BATCH_PAGES: 'many' },
+        schedule: true,
+      });
+      await app.listening;
+      const status = await app.settled();
+      expect(status.state).to.equal('failed');
+      expect(status.problem).to.include('SWEEP_BATCH_PAGES');
+      expect(status.retryAt, 'a setting only changes with a new deployment').to.equal(null);
+      const health = await app.get('/health');
+      expect(health.status).to.equal(503);
+      expect(health.body).to.nested.include({ 'error.token-reaper.status': 'down' });
+      expect((await app.get('/ping')).status).to.equal(200);
+      // Nest's ConsoleLogger writes errors to stderr.
+      expect(stripVTControlCharacters(app.process.stderr)).to.match(
+        /ERROR .*\[TokenReaper\] .*SWEEP_BATCH_PAGES/,
+      );
+      let refused: unknown;
+      await app.ask('sweep').catch((error: unknown) => (refused = error));
+      expect(refused).to.have.property('name', 'TokenReaperUnavailableError');
+      expect(await app.close()).to.deep.include({ code: 0 });
+    });
+
+    it('reports a missing table, keeps serving, and starts on a later attempt once the table exists', async function () {
+      this.timeout(60_000);
+      const table = `late_tokens_${fixture}`;
+      app = launchNestApp(project, {
+        settings: { DATABASE_URL: database.url, REFRESH_TOKENS_TABLE: table },
+        schedule: true,
+      });
+      const status = await app.settled();
+      expect(status.state).to.equal('failed');
+      expect(status.problem).to.include(table);
+      expect(status.retryAt).to.be.a('string');
+      expect((await app.get('/health')).status).to.equal(503);
+      expect((await app.get('/ping')).status).to.equal(200);
+
+      // The migration that makes the table, and install, run after the app has started.
+      await database.query(`CREATE TABLE ${table} (LIKE refresh_tokens INCLUDING ALL)`);
+      const install = await runCli(['install'], {
+        DATABASE_URL: database.url,
+        REFRESH_TOKENS_TABLE: table,
+      });
+      expect(install.code, install.stderr).to.equal(0);
+      await waitFor(async () => (await app!.get('/health')).status === 200, {
+        message: 'the reaper to start on a later attempt',
+        timeoutMs: 30_000,
+        intervalMs: 250,
+      });
+      expect(await app.close()).to.deep.include({ code: 0 });
+    });
+
+    it('with failFast, a broken configuration stops the app from starting', async () => {
+      app = launchNestApp(project, {
+        settings: { DATABASE_URL: 'not a url' },
+        schedule: true,
+        failFast: true,
+      });
+      let failure: unknown;
+      await app.listening.catch((error: unknown) => (failure = error));
+      expect(String(failure)).to.include('DATABASE_URL');
+      expect((await app.process.exited).code).to.equal(1);
+    });
+
+    it(`a ts-jest spec imports the module and boots it${jestRequiresEsm ? ', with the reaper running under --experimental-vm-modules' : ''}`, async () => {
+      const runs = [{ expect: 'unloadable', nodeOptions: '' }];
+      if (jestRequiresEsm)
+        runs.push({ expect: 'running', nodeOptions: '--experimental-vm-modules' });
+      for (const { expect: expected, nodeOptions } of runs) {
+        const { stderr } = await runOrExplain(
+          process.execPath,
+          ['node_modules/jest/bin/jest.js', '--ci', '--colors=false'],
+          {
+            cwd: project,
+            env: {
+              PATH: process.env.PATH,
+              DATABASE_URL: database.url,
+              EXPECT_REAPER: expected,
+              NODE_OPTIONS: nodeOptions,
+            },
+            timeout: 90_000,
+          },
+        );
+        expect(stderr, `jest with EXPECT_REAPER=${expected}`).to.match(/Tests: +2 passed, 2 total/);
+      }
+    });
+  });
+}
+
+async function revokeAndAwaitPurge(database: TestDatabaseHandle) {
+  const [token] = await database.query(
+    `UPDATE refresh_tokens SET revoked = true
+     WHERE id = (SELECT id FROM refresh_tokens WHERE NOT revoked AND expires_at > now() LIMIT 1)
+     RETURNING id::text`,
+  );
+  await waitFor(
+    async () =>
+      (await database.query('SELECT 1 FROM refresh_tokens WHERE id = $1', [token!.id])).length ===
+      0,
+    { message: 'the revoked token to be purged' },
+  );
+}
