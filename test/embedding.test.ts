@@ -6,7 +6,11 @@ import { ConfigurationError } from '../src/errors.js';
 import { createCapturingLogger } from './support/capture-logger.js';
 import { runCli, waitFor } from './support/cli.js';
 import { useTestDatabase } from './support/database.js';
-import { createReferenceSchema, insertRandomRows } from './support/fixtures.js';
+import {
+  createReferenceSchema,
+  insertRandomRows,
+  revokeAndAwaitPurge,
+} from './support/fixtures.js';
 
 // ---- The README's example, as a NestJS provider would hold it ----
 class TokenCleanupService {
@@ -52,17 +56,7 @@ describe('the library API', () => {
     await service.onModuleInit();
     try {
       expect(signals.map((signal) => process.listenerCount(signal))).to.deep.equal(before);
-      const [token] = await database.query(
-        `UPDATE refresh_tokens SET revoked = true
-         WHERE id = (SELECT id FROM refresh_tokens WHERE NOT revoked AND expires_at > now() LIMIT 1)
-         RETURNING id::text`,
-      );
-      await waitFor(
-        async () =>
-          (await database.query('SELECT 1 FROM refresh_tokens WHERE id = $1', [token!.id]))
-            .length === 0,
-        { message: 'the revoked token to be purged' },
-      );
+      await revokeAndAwaitPurge(database);
       const outcome = await service.sweepNow();
       expect(outcome).to.include({ status: 'finished', trigger: 'api' });
       expect(service.outcomes).to.have.length(1);

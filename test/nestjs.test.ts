@@ -6,8 +6,12 @@ import { expect } from 'chai';
 import { stripVTControlCharacters } from 'node:util';
 import { runCli, waitFor } from './support/cli.js';
 import { prepareNestProject, runOrExplain, type NestFixture } from './support/consumers.js';
-import { useTestDatabase, type TestDatabaseHandle } from './support/database.js';
-import { createReferenceSchema, insertRandomRows } from './support/fixtures.js';
+import { useTestDatabase } from './support/database.js';
+import {
+  createReferenceSchema,
+  insertRandomRows,
+  revokeAndAwaitPurge,
+} from './support/fixtures.js';
 import { launchNestApp, type AppEvent, type NestApp } from './support/nest-app.js';
 
 /** Whether Jest can require ES modules here: Node 24.9+, with --experimental-vm-modules. */
@@ -183,18 +187,4 @@ for (const { fixture, jestRequiresEsm } of FIXTURES) {
       }
     });
   });
-}
-
-async function revokeAndAwaitPurge(database: TestDatabaseHandle) {
-  const [token] = await database.query(
-    `UPDATE refresh_tokens SET revoked = true
-     WHERE id = (SELECT id FROM refresh_tokens WHERE NOT revoked AND expires_at > now() LIMIT 1)
-     RETURNING id::text`,
-  );
-  await waitFor(
-    async () =>
-      (await database.query('SELECT 1 FROM refresh_tokens WHERE id = $1', [token!.id])).length ===
-      0,
-    { message: 'the revoked token to be purged' },
-  );
 }

@@ -9,7 +9,8 @@
 import { readFile } from 'node:fs/promises';
 import pg from 'pg';
 
-import type { TestDatabase } from './database.js';
+import { waitFor } from './cli.js';
+import type { TestDatabase, TestDatabaseHandle } from './database.js';
 
 /** A pool, a client, or a TestDatabase (its pool is used). */
 export type DatabaseTarget = pg.Pool | pg.ClientBase | Pick<TestDatabase, 'pool'>;
@@ -486,4 +487,19 @@ export async function revokeThenUndo(
   await client.query('UPDATE refresh_tokens SET revoked = true WHERE id = $1', [restored]);
   await client.query('UPDATE refresh_tokens SET revoked = false WHERE id = $1', [restored]);
   await client.query('COMMIT');
+}
+
+/** Revokes one live refresh token of the reference table and waits until it is purged. */
+export async function revokeAndAwaitPurge(database: TestDatabaseHandle): Promise<void> {
+  const [token] = await database.query(
+    `UPDATE refresh_tokens SET revoked = true
+     WHERE id = (SELECT id FROM refresh_tokens WHERE NOT revoked AND expires_at > now() LIMIT 1)
+     RETURNING id::text`,
+  );
+  await waitFor(
+    async () =>
+      (await database.query('SELECT 1 FROM refresh_tokens WHERE id = $1', [token!.id])).length ===
+      0,
+    { message: 'the revoked token to be purged' },
+  );
 }
