@@ -164,7 +164,9 @@ export interface LoadOptions {
 export function loadConfig(environment: Environment, options: LoadOptions = {}): Config {
   const problems: string[] = [];
   const read = (name: string): string | undefined => {
-    const value = environment[name]?.trim();
+    // A host's settings may hold numbers or booleans (a ConfigService read from YAML).
+    const raw: unknown = environment[name];
+    const value = raw === undefined || raw === null ? undefined : String(raw).trim();
     return value === '' ? undefined : value;
   };
 
