@@ -52,20 +52,35 @@ for (const { fixture, jestRequiresEsm } of FIXTURES) {
       });
       await app.listening;
       const status = await app.settled();
-      expect(status).to.include({ state: 'running', up: true, problem: null });
+      expect(status).to.include({ state: 'running', up: true, ready: true, problem: null });
       const health = await app.get('/health');
       expect(health.status).to.equal(200);
       expect(health.body).to.nested.include({ 'info.token-reaper.status': 'up' });
       expect(await app.ask('cronJobs')).to.deep.include({ names: ['token-reaper-sweep'] });
 
-      await app.ask('watchSweeps');
+      await app.ask('watch');
       await revokeAndAwaitPurge(database);
-
+      // Deleted by the purge, not only by the sweep that runs every second.
+      await app.waitForEvent(
+        (event) => event.event === 'purge' && Number(event.deleted) >= 1,
+        'a purge batch that deleted the revocation',
+      );
       await app.waitForEvent(
         (event) => event.event === 'sweep' && event.trigger === 'schedule',
         'a sweep started by the SchedulerRegistry job',
       );
-      const { outcome } = await app.ask<{ outcome: { status: string; trigger: string } }>('sweep');
+      // With the job stopped, a sweep asked for runs as its own (the first may join the last
+      // scheduled one).
+      await app.ask('stopCronJob');
+      const outcome = await waitFor(
+        async () => {
+          const { outcome } = await app!.ask<{ outcome: { status: string; trigger: string } }>(
+            'sweep',
+          );
+          return outcome.trigger === 'api' && outcome;
+        },
+        { message: 'a sweep started on demand' },
+      );
       expect(outcome).to.include({ status: 'finished', trigger: 'api' });
       const dead = await database.query(
         `SELECT count(*)::int AS count FROM refresh_tokens WHERE revoked OR expires_at < now()`,
@@ -78,25 +93,49 @@ for (const { fixture, jestRequiresEsm } of FIXTURES) {
 
       const exit = await app.close();
       expect(exit).to.deep.include({ code: 0 });
-      // Through Nest's Logger: its own prefix and context, then the event.
+      // Through Nest's Logger: its own prefix and context, then the event. The schedule is the
+      // registry's job, so the reaper reports none of its own.
       const output = stripVTControlCharacters(app.process.stdout);
-      expect(output).to.match(/\[TokenReaper\] daemon\.started token-reaper/);
+      const started = /\[TokenReaper\] daemon\.started token-reaper.*/.exec(output)?.[0];
+      expect(started, 'daemon.started through Nest').to.be.a('string');
+      expect(started).not.to.include('schedule=');
       expect(output).to.match(/\[TokenReaper\] daemon\.stopped/);
-      expect(app.process.stdout).not.to.include('"event"');
+      expect(output).not.to.include('"event"');
     });
 
-    it('sweeps on its own schedule when the app does not import ScheduleModule', async () => {
+    it('sweeps on its own schedule when the app does not import ScheduleModule, and takes settings that are numbers', async () => {
       app = launchNestApp(project, {
-        settings: { DATABASE_URL: database.url, REFRESH_TOKEN_CLEANUP_CRON: '* * * * * *' },
+        settings: {
+          DATABASE_URL: database.url,
+          REFRESH_TOKEN_CLEANUP_CRON: '* * * * * *',
+          SWEEP_BATCH_PAGES: 50,
+        },
         schedule: false,
       });
       expect((await app.settled()).state).to.equal('running');
-      await app.ask('watchSweeps');
+      expect(stripVTControlCharacters(app.process.stdout)).to.match(
+        /daemon\.started .*schedule="\* \* \* \* \* \*"/,
+      );
+      await app.ask('watch');
       await app.waitForEvent(
         (event: AppEvent) => event.event === 'sweep' && event.trigger === 'schedule',
         'a sweep started by the reaper’s own schedule',
       );
       expect(await app.close()).to.deep.include({ code: 0 });
+    });
+
+    it('stops the reaper on SIGTERM through enableShutdownHooks', async () => {
+      app = launchNestApp(project, {
+        settings: { DATABASE_URL: database.url },
+        schedule: true,
+      });
+      expect((await app.settled()).state).to.equal('running');
+      app.process.signal('SIGTERM');
+      // Nest closes the app, then raises the signal again to end the process.
+      expect(await app.process.exited).to.deep.include({ signal: 'SIGTERM' });
+      expect(stripVTControlCharacters(app.process.stdout)).to.match(
+        /\[TokenReaper\] daemon\.stopped/,
+      );
     });
 
     it('keeps serving with a broken configuration, logs it as an error and reports it on /health', async () => {
@@ -127,7 +166,13 @@ for (const { fixture, jestRequiresEsm } of FIXTURES) {
       this.timeout(60_000);
       const table = `late_tokens_${fixture}`;
       app = launchNestApp(project, {
-        settings: { DATABASE_URL: database.url, REFRESH_TOKENS_TABLE: table },
+        // Readiness checked every second: an attempt that starts before install has made the
+        // trigger sees it as soon as it is there.
+        settings: {
+          DATABASE_URL: database.url,
+          REFRESH_TOKENS_TABLE: table,
+          READINESS_CHECK_INTERVAL: '1s',
+        },
         schedule: true,
       });
       const status = await app.settled();
@@ -149,6 +194,32 @@ for (const { fixture, jestRequiresEsm } of FIXTURES) {
         timeoutMs: 30_000,
         intervalMs: 250,
       });
+      expect(await app.close()).to.deep.include({ code: 0 });
+    });
+
+    it('closes during the pause before another attempt, and makes no attempt after', async () => {
+      app = launchNestApp(project, {
+        settings: { DATABASE_URL: database.url, REFRESH_TOKENS_TABLE: 'never_made' },
+        schedule: true,
+      });
+      const status = await app.settled();
+      expect(status.state).to.equal('failed');
+      expect(status.retryAt).to.be.a('string');
+      expect(await app.close()).to.deep.include({ code: 0 });
+      const attempts = stripVTControlCharacters(app.process.stderr).match(/could not start/g);
+      expect(attempts).to.have.length(1);
+    });
+
+    it('reports a schedule that @nestjs/schedule’s cron refuses as a setting to change, without retrying', async () => {
+      app = launchNestApp(project, {
+        // node-cron takes L (the last day of the month); cron does not.
+        settings: { DATABASE_URL: database.url, REFRESH_TOKEN_CLEANUP_CRON: '0 3 L * *' },
+        schedule: true,
+      });
+      const status = await app.settled();
+      expect(status.state).to.equal('failed');
+      expect(status.problem).to.include('REFRESH_TOKEN_CLEANUP_CRON');
+      expect(status.retryAt).to.equal(null);
       expect(await app.close()).to.deep.include({ code: 0 });
     });
 

@@ -2,14 +2,14 @@
 import type { FactoryProvider, ModuleMetadata } from '@nestjs/common';
 import type { ReaperOptions } from '../index.js';
 
-export interface TokenReaperModuleOptions extends Omit<ReaperOptions, 'schedule'> {
+export interface TokenReaperModuleOptions extends Omit<ReaperOptions, 'schedule' | 'hostLogger'> {
   /**
    * Rethrow a configuration, schema or database problem at bootstrap, so that the app fails
    * to start. Off by default: the problem is logged as an error and reported by
    * TokenReaperHealthIndicator, and the app keeps serving.
    */
   failFast?: boolean;
-  /** The SchedulerRegistry cron job that runs the sweep, when the app imports ScheduleModule. */
+  /** The name of the SchedulerRegistry cron job that runs the sweep, when the app imports ScheduleModule. */
   cronJobName?: string;
 }
 

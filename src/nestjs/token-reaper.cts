@@ -20,16 +20,22 @@ export type TokenReaperState = 'starting' | 'running' | 'failed' | 'stopped';
 
 export interface TokenReaperStatus {
   readonly state: TokenReaperState;
-  /** Up while running and ready: listening, and the tables and rights as needed. */
+  /**
+   * Running, with its listener up (or down for less than LISTENER_DOWN_UNHEALTHY_AFTER), and
+   * with the tables, trigger and rights as needed: what the health indicator reports.
+   */
   readonly up: boolean;
-  /** Why it is not up: the error of a failed start, or the readiness reasons. */
+  /** Running and ready as the CLI's /readyz means it: `up`, and nothing passing either. */
+  readonly ready: boolean;
+  /** Why it is not up or not ready: the error of a failed start, or the readiness problems. */
   readonly problem: string | null;
+  /** The readiness reasons: a dropped trigger, the listener reconnecting, a failed sweep… */
   readonly reasons: readonly string[];
   /** The next start attempt after a failed one, or null. */
   readonly retryAt: string | null;
 }
 
-/** What sweep() and explain() throw while the reaper is not running. */
+/** What sweep() and explain() reject with while the reaper is not running. */
 export class TokenReaperUnavailableError extends Error {
   override name = 'TokenReaperUnavailableError';
 }
@@ -38,11 +44,17 @@ export class TokenReaperUnavailableError extends Error {
 const FIRST_RETRY_MS = 5_000;
 const MAX_RETRY_MS = 5 * 60_000;
 
-/** The methods of a `cron` CronJob that this file uses, in every version @nestjs/schedule has used. */
+/** The parts of `cron` (the package @nestjs/schedule builds its jobs with) used here. */
+interface Cron {
+  CronJob: { from(options: Record<string, unknown>): CronJobLike };
+}
 interface CronJobLike {
   start(): void;
   stop(): unknown;
 }
+
+/** A start that failed for good: a setting is wrong, and only a new deployment changes it. */
+class Misconfigured extends Error {}
 
 export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdown {
   readonly #options: TokenReaperModuleOptions;
@@ -57,6 +69,8 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
   #retryPauseMs = FIRST_RETRY_MS;
   #cronJob: { registry: SchedulerRegistry; name: string } | null = null;
   #shutDown = false;
+  /** The core's redaction, once the core is loaded: the module's own lines go through it. */
+  #redact: (text: string) => string = (text) => text;
 
   constructor(options: TokenReaperModuleOptions, moduleRef: ModuleRef) {
     this.#options = options;
@@ -72,6 +86,7 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
   async onApplicationShutdown(): Promise<void> {
     this.#shutDown = true;
     if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
     this.#retryAt = null;
     await this.#starting?.catch(() => undefined);
     this.#removeCronJob();
@@ -81,12 +96,12 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
   }
 
   /** One sweep now; joins one already running. Failures are outcomes, as in the core. */
-  sweep(options?: Core.ReaperSweepOptions): Promise<Core.SweepOutcome> {
+  async sweep(options?: Core.ReaperSweepOptions): Promise<Core.SweepOutcome> {
     return this.#running().sweep(options);
   }
 
   /** Each target's shape, rule and counts, as `token-reaper explain --json` prints them. */
-  explain(): Promise<Core.Explanation> {
+  async explain(): Promise<Core.Explanation> {
     return this.#running().explain();
   }
 
@@ -96,23 +111,27 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
   }
 
   status(): TokenReaperStatus {
-    const readiness = this.#state === 'running' ? this.#reaper?.readiness() : undefined;
+    const reaper = this.reaper;
+    const readiness = reaper?.readiness();
     const reasons = readiness?.reasons ?? [];
+    // Problems of the tables, the rights or the server fail the health check; what passes on
+    // its own (the listener reconnecting, one failed sweep) is shown, not failed on.
+    const up =
+      reaper !== null && reaper.health().healthy && (readiness?.problems.length ?? 0) === 0;
+    const unready = readiness?.problems.map((problem) => problem.message).join(' ');
     return {
       state: this.#state,
-      up: readiness?.ready === true,
-      problem:
-        this.#problem ??
-        (readiness && !readiness.ready
-          ? readiness.problems.map((problem) => problem.message).join(' ') || reasons.join(', ')
-          : null),
+      up,
+      ready: up && readiness?.ready === true,
+      problem: this.#problem ?? (unready || (reasons.length > 0 ? reasons.join(', ') : null)),
       reasons,
       retryAt: this.#retryAt?.toISOString() ?? null,
     };
   }
 
   #running(): Core.Reaper {
-    if (this.#state === 'running' && this.#reaper) return this.#reaper;
+    const reaper = this.reaper;
+    if (reaper !== null) return reaper;
     throw new TokenReaperUnavailableError(
       `token-reaper is ${this.#state}${this.#problem ? `: ${this.#problem}` : ''}`,
     );
@@ -121,7 +140,9 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
   #start(): Promise<void> {
     this.#state = 'starting';
     this.#starting = this.#attempt().then(
-      () => {
+      (reaper) => {
+        if (reaper === null) return; // shut down meanwhile
+        this.#reaper = reaper;
         this.#state = 'running';
         this.#problem = null;
         this.#retryPauseMs = FIRST_RETRY_MS;
@@ -134,11 +155,14 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
     return this.#starting;
   }
 
-  async #attempt(): Promise<void> {
+  /** Loads, configures and starts the core reaper; null when the app shut down meanwhile. */
+  async #attempt(): Promise<Core.Reaper | null> {
     let core: typeof Core;
     try {
       // eslint-disable-next-line @typescript-eslint/no-require-imports -- loaded late on purpose (above)
       core = require('../index.js') as typeof Core;
+      // eslint-disable-next-line @typescript-eslint/no-require-imports -- the core's, loaded with it
+      this.#redact = (require('../redact.js') as typeof import('../redact.js')).redactText;
     } catch (error) {
       throw this.#failed(error, 'could not be loaded', false);
     }
@@ -146,35 +170,49 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
     let reaper: Core.Reaper;
     try {
       reaper = await core.createReaper({
-        ...this.#options,
-        hostLogger: this.#options.logger ? undefined : this.#logger,
+        settings: this.#options.settings,
+        targets: this.#options.targets,
+        ...(this.#options.logger ? { logger: this.#options.logger } : { hostLogger: this.#logger }),
         schedule: registry === null,
       });
     } catch (error) {
-      // A setting is wrong, and only a new deployment changes settings: no retry.
+      const misconfigured = error instanceof core.ConfigurationError;
       throw this.#failed(
         error,
-        'is not configured right',
-        !(error instanceof core.ConfigurationError),
+        misconfigured ? 'is not configured right' : 'could not start',
+        !misconfigured,
       );
     }
     try {
+      const job =
+        registry !== null && reaper.config.scheduleEnabled
+          ? this.#cronJobFor(registry, reaper)
+          : null;
+      if (this.#shutDown) {
+        await reaper.stop();
+        return null;
+      }
       await reaper.start();
-      if (registry !== null && reaper.config.scheduleEnabled) this.#addCronJob(registry, reaper);
+      if (this.#shutDown) {
+        await reaper.stop();
+        return null;
+      }
+      if (job !== null && registry !== null) this.#addCronJob(registry, job, reaper);
     } catch (error) {
       await reaper.stop().catch(() => undefined);
-      throw this.#failed(error, 'could not start', true);
+      const misconfigured = error instanceof Misconfigured;
+      throw this.#failed(
+        error,
+        misconfigured ? 'is not configured right' : 'could not start',
+        !misconfigured,
+      );
     }
-    if (this.#shutDown) {
-      await reaper.stop();
-      return;
-    }
-    this.#reaper = reaper;
+    return reaper;
   }
 
   /** Logs a failed start, keeps it for status(), and plans the next attempt. */
   #failed(error: unknown, what: string, retry: boolean): unknown {
-    const message = error instanceof Error ? error.message : String(error);
+    const message = this.#redact(error instanceof Error ? error.message : String(error));
     this.#problem = `token-reaper ${what}: ${message}`;
     const retrying = retry && !this.#shutDown && this.#options.failFast !== true;
     this.#logger.error(
@@ -211,17 +249,35 @@ export class TokenReaper implements OnApplicationBootstrap, OnApplicationShutdow
     }
   }
 
-  /** The sweep as a SchedulerRegistry cron job, built with @nestjs/schedule's own `cron`. */
-  #addCronJob(registry: SchedulerRegistry, reaper: Core.Reaper) {
-    const { CronJob } = createRequire(require.resolve('@nestjs/schedule'))('cron') as {
-      CronJob: { from(options: Record<string, unknown>): CronJobLike };
-    };
-    const job = CronJob.from({
-      cronTime: reaper.config.sweep.schedule,
-      onTick: () => void reaper.sweep({ trigger: 'schedule' }),
-      start: false,
-      ...(reaper.config.sweep.timezone === null ? {} : { timeZone: reaper.config.sweep.timezone }),
-    });
+  /**
+   * The sweep as a job of @nestjs/schedule's own `cron`, not yet started. `cron` reads
+   * REFRESH_TOKEN_CLEANUP_CRON here, as the app's own jobs: an expression it refuses (node-cron
+   * accepted it), or a job name the app already uses, is a setting to change.
+   */
+  #cronJobFor(registry: SchedulerRegistry, reaper: Core.Reaper): CronJobLike {
+    const name = this.#options.cronJobName ?? DEFAULT_CRON_JOB_NAME;
+    if (registry.doesExist('cron', name)) {
+      throw new Misconfigured(
+        `the app's SchedulerRegistry already has a cron job named ${name}; set cronJobName to another name`,
+      );
+    }
+    const { CronJob } = createRequire(require.resolve('@nestjs/schedule'))('cron') as Cron;
+    const { schedule, timezone } = reaper.config.sweep;
+    try {
+      return CronJob.from({
+        cronTime: schedule,
+        onTick: () => void reaper.sweep({ trigger: 'schedule' }),
+        start: false,
+        ...(timezone === null ? {} : { timeZone: timezone }),
+      });
+    } catch (error) {
+      throw new Misconfigured(
+        `REFRESH_TOKEN_CLEANUP_CRON=${JSON.stringify(schedule)} is refused by @nestjs/schedule's cron (${(error as Error).message}); use five or six plain fields`,
+      );
+    }
+  }
+
+  #addCronJob(registry: SchedulerRegistry, job: CronJobLike, reaper: Core.Reaper) {
     const name = this.#options.cronJobName ?? DEFAULT_CRON_JOB_NAME;
     registry.addCronJob(name, job as Parameters<SchedulerRegistry['addCronJob']>[1]);
     this.#cronJob = { registry, name };

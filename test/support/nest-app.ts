@@ -7,7 +7,7 @@ import { spawnProcess, waitFor, type ExitStatus, type ProcessHandle } from './cl
 
 export interface NestAppOptions {
   /** What the app's ConfigService holds, handed to TokenReaperModule.forRootAsync. */
-  readonly settings: Readonly<Record<string, string>>;
+  readonly settings: Readonly<Record<string, string | number>>;
   /** Whether the app imports ScheduleModule.forRoot(). */
   readonly schedule: boolean;
   readonly failFast?: boolean;
@@ -20,7 +20,7 @@ export interface AppEvent {
 
 export interface NestApp {
   readonly process: ProcessHandle;
-  /** What the app sent of its own accord: `listening`, `bootstrap_failed`, `sweep`. */
+  /** What the app sent of its own accord: `listening`, `bootstrap_failed`, `sweep`, `purge`. */
   readonly events: readonly AppEvent[];
   /** The HTTP port, once the app listens; rejects when it exits or fails to boot first. */
   readonly listening: Promise<number>;
@@ -36,6 +36,7 @@ export interface NestApp {
 export interface ReaperStatus {
   state: string;
   up: boolean;
+  ready: boolean;
   problem: string | null;
   reasons: string[];
   retryAt: string | null;
