@@ -59,8 +59,16 @@ const MESSAGE = Symbol.for('message');
 
 export function createLogger(options: LoggerOptions): Logger {
   const colors = options.colors ?? false;
-  const format = lineFormat(
-    options.format === 'pretty' ? (info) => formatPrettyLine(info, { colors }) : null,
+  const format = winston.format.combine(
+    winston.format.timestamp(),
+    // Before either format: what is redacted is redacted in both.
+    winston.format((info) => Object.assign(info, redactSecrets({ ...info })))(),
+    options.format === 'pretty'
+      ? winston.format((info) => {
+          info[MESSAGE] = formatPrettyLine(info, { colors });
+          return info;
+        })()
+      : winston.format.json(),
   );
   const winstonLogger = winston.createLogger({
     level: options.level,
@@ -124,21 +132,6 @@ export function createHostLogger(
     child: (name) => createHostLogger(host, level, name),
     flush: () => Promise.resolve(),
   };
-}
-
-/** Timestamped and redacted, then one JSON object, or the line `pretty` makes. */
-function lineFormat(pretty: ((info: winston.Logform.TransformableInfo) => string) | null) {
-  return winston.format.combine(
-    winston.format.timestamp(),
-    // Before either format: what is redacted is redacted in both.
-    winston.format((info) => Object.assign(info, redactSecrets({ ...info })))(),
-    pretty === null
-      ? winston.format.json()
-      : winston.format((info) => {
-          info[MESSAGE] = pretty(info);
-          return info;
-        })(),
-  );
 }
 
 /**
