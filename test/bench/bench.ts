@@ -67,7 +67,7 @@ Options:
   --purge-seconds N     seconds of each steady revocation rate (default 20; --quick 2, and 1
                         for each purge source)
   --burst N             revocations in the one-UPDATE burst (default 100000; --quick 5000)
-  --at-rest-seconds N   the workload alone before each contender (default 3; --quick 1)
+  --at-rest-seconds N   the workload alone before each contender (default 8; --quick 1)
   --workload-rate N     workload operations per second, all clients together (default 400)
   --workload-clients N  workload connections (default 4)
   --rotation-seconds N  seconds of rotations per condition and round (default 15; --quick 2)
@@ -75,6 +75,9 @@ Options:
   --only LIST           comma-separated: ${PARTS.join(', ')}
   --pause-ratios LIST   gentle: the SWEEP_PAUSE_RATIOs to compare (default
                         ${PAUSE_RATIOS.join(',')}; --quick ${QUICK_PAUSE_RATIOS.join(',')})
+  --gentle-variant K=V[,K=V…]
+                        gentle: one more sweep condition with these variables (e.g.
+                        SWEEP_BATCH_TARGET_MS=10,SWEEP_PAUSE_RATIO=3); repeatable
   --sweep-env K=V       an extra variable for every token-reaper sweep, to compare settings
                         (e.g. SWEEP_BATCH_PAGES=250); repeatable. (c2) keeps SWEEP_CONCURRENCY=2
   --daemon-env K=V      the same for the daemons of the purge and sources measurements
@@ -105,6 +108,7 @@ interface Options {
   rotationClients: number;
   only: ReadonlySet<Part>;
   pauseRatios: readonly number[];
+  gentleVariants: readonly Readonly<Record<string, string>>[];
   sweepEnvironment: Readonly<Record<string, string>>;
   daemonEnvironment: Readonly<Record<string, string>>;
   serverSettings: readonly string[];
@@ -129,6 +133,7 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
       'rotation-clients': { type: 'string' },
       only: { type: 'string' },
       'pause-ratios': { type: 'string' },
+      'gentle-variant': { type: 'string', multiple: true },
       'sweep-env': { type: 'string', multiple: true },
       'daemon-env': { type: 'string', multiple: true },
       'server-setting': { type: 'string', multiple: true },
@@ -188,7 +193,7 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
     runs: whole('runs', values.runs, quick ? 1 : 3, 1),
     purgeSeconds: whole('purge-seconds', values['purge-seconds'], quick ? 2 : 20, 1),
     burst: whole('burst', values.burst, quick ? 5_000 : 100_000, 0),
-    atRestSeconds: whole('at-rest-seconds', values['at-rest-seconds'], quick ? 1 : 3, 1),
+    atRestSeconds: whole('at-rest-seconds', values['at-rest-seconds'], quick ? 1 : 8, 1),
     workloadRate: whole('workload-rate', values['workload-rate'], 400, 1),
     workloadClients: whole('workload-clients', values['workload-clients'], 4, 1),
     rotationSeconds: whole('rotation-seconds', values['rotation-seconds'], quick ? 2 : 15, 1),
@@ -206,6 +211,9 @@ function parseOptions(argv: readonly string[]): Options | 'help' {
             }
             return number;
           }),
+    gentleVariants: (values['gentle-variant'] ?? []).map((variant) =>
+      environment('gentle-variant', variant.split(',')),
+    ),
     sweepEnvironment: environment('sweep-env', values['sweep-env']),
     daemonEnvironment: environment('daemon-env', values['daemon-env']),
     serverSettings: (values['server-setting'] ?? []).map((setting) => {
@@ -356,6 +364,7 @@ async function main(): Promise<number> {
           revokedUnexpiredShare: options.revokedUnexpiredShare,
           runs: options.runs,
           pauseRatios: options.pauseRatios,
+          variants: options.gentleVariants,
           sweepEnvironment: options.sweepEnvironment,
           workloadClients: options.workloadClients,
           workloadOperationsPerSecond: options.workloadRate,

@@ -45,7 +45,7 @@ import { maximum, median, medianOf, percentile, ratio } from './statistics.js';
 import { buildTemplates, type Template, type Templates } from './templates.js';
 import { WORKLOAD_HASH_PREFIX } from './workload.js';
 
-export const PAUSE_RATIOS = [0, 0.5, 1, 2];
+export const PAUSE_RATIOS = [0, 1, 2, 3, 10];
 export const QUICK_PAUSE_RATIOS = [0.5];
 
 /** The issue's goals. */
@@ -80,6 +80,8 @@ export interface GentleOptions {
   readonly revokedUnexpiredShare: number;
   readonly runs: number;
   readonly pauseRatios: readonly number[];
+  /** More sweep conditions, each with its own variables (--gentle-variant). */
+  readonly variants: readonly Readonly<Record<string, string>>[];
   readonly sweepEnvironment: Readonly<Record<string, string>>;
   readonly workloadClients: number;
   readonly workloadOperationsPerSecond: number;
@@ -273,6 +275,8 @@ export async function measureGentle(
   options: GentleOptions,
 ): Promise<GentleResult> {
   const { progress } = options;
+  // Read before the runs: the sweeps run the sources as they are when each starts.
+  const defaults = await readDefaults();
   progress('gentle: the five-index template (the plain one plus an index on user_id)');
   const { template, indexes } = await fiveIndexTemplate(server, templates.plain);
   const data: GentleData = {
@@ -291,6 +295,15 @@ export async function measureGentle(
       kind: 'sweep',
       environment: { SWEEP_PAUSE_RATIO: String(pauseRatio) },
     })),
+    ...options.variants.map((environment): ConditionSpec => {
+      const settings = Object.entries(environment).map(([name, value]) => `${name}=${value}`);
+      return {
+        id: `variant-${settings.join('-')}`,
+        label: `sweep, ${settings.join(', ')}`,
+        kind: 'sweep',
+        environment,
+      };
+    }),
   ];
   const runs = new Map<string, GentleRun[]>(specs.map((spec) => [spec.id, []]));
   const errors = new Map<string, string[]>(specs.map((spec) => [spec.id, []]));
@@ -365,7 +378,7 @@ export async function measureGentle(
   const replica = await measureReplicaLag(options);
   return {
     data,
-    defaults: await readDefaults(),
+    defaults,
     pauseRatios: options.pauseRatios,
     conditions,
     smallestPauseRatioWithinGoal: withinGoal.length > 0 ? Math.min(...withinGoal) : null,

@@ -1,11 +1,13 @@
 // The sweep contenders, and how one run of a contender is measured.
 //
 // One run: copy the contender's template (CREATE DATABASE … TEMPLATE), connect and warm up the
-// workload, run it at rest, CHECKPOINT, then run the contender with the workload beside it,
-// then check the table. The CHECKPOINT makes every contender start in the same state: after a
-// checkpoint, the first change to each page writes a full-page image into the WAL, so WAL
-// figures only compare when every contender starts right after one (as a daily sweep in
-// production does, with checkpoints minutes apart). WAL accounting is in wal.ts.
+// workload, CHECKPOINT, run it at rest, CHECKPOINT, then run the contender with the workload
+// beside it, then check the table. The CHECKPOINT makes every contender start in the same state:
+// after a checkpoint, the first change to each page writes a full-page image into the WAL, so
+// WAL figures only compare when every contender starts right after one (as a daily sweep in
+// production does, with checkpoints minutes apart). The at-rest window starts after one too:
+// the workload's own first writes to each index page then pay their full-page images in both
+// windows, and what differs between them is the contender alone. WAL accounting is in wal.ts.
 import pg from 'pg';
 
 import { spawnDaemon, type LogLine } from '../support/cli.js';
@@ -151,7 +153,8 @@ export async function runScenario(
     });
     try {
       await workload.warmUp();
-      // At rest: the same copy, nothing deleting.
+      // At rest: the same copy, nothing deleting, from a checkpoint as the contender's window.
+      await checkpoint(server);
       const rest = await workload.runFor(options.atRestMs);
 
       await checkpoint(server);
