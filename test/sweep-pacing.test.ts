@@ -1,10 +1,13 @@
 // The sweep's pacing on a real PostgreSQL: batches sized by their measured duration, and a
 // window (SWEEP_MAX_DURATION) after which the sweep ends, the next resuming where it stopped.
 import { expect } from 'chai';
+import { loadConfig } from '../src/config.js';
+import { describeTarget } from '../src/schema.js';
+import { deleteMarkedRows, MARKED_ROWS_BATCH } from '../src/sweep/marked-rows.js';
 import type { SweepOutcome } from '../src/sweep/sweeper.js';
 import type { CapturedLine } from './support/capture-logger.js';
 import { useTestDatabase } from './support/database.js';
-import { allIds, liveIds } from './support/fixtures.js';
+import { allIds, createPartitionedTable, liveIds } from './support/fixtures.js';
 import {
   installSweepPositions,
   referenceTokenTable,
@@ -131,6 +134,30 @@ describe('the sweep’s pacing', () => {
     expect(outcome.durationMs).to.be.at.least(3 * busyMs);
   });
 
+  it('paces batches of marked rows as well: the replica gate before each, the pause after each but the last', async () => {
+    // What a sweep of a table partitioned by expiry runs on its older partitions.
+    const table = await tokenTable('pacing_marked', 2 * MARKED_ROWS_BATCH + 2_000);
+    await database.current.query(`UPDATE ${table} SET revoked = true`);
+    const settings = environment(table);
+    const { pool } = await sweeperFor(database.current, settings, cleanup);
+    const config = loadConfig({ DATABASE_URL: database.current.url, ...settings });
+    const shape = (await describeTarget(pool, config.targets[0]!, config))!;
+    const calls: string[] = [];
+    const result = await deleteMarkedRows(pool, shape, shape.relation, {
+      pacing: {
+        beforeBatch: async () => {
+          calls.push('gate');
+        },
+        afterBatch: async (durationMs) => {
+          expect(durationMs).to.be.above(0);
+          calls.push('pause');
+        },
+      },
+    });
+    expect(result).to.deep.equal({ rows: 2 * MARKED_ROWS_BATCH + 2_000, batches: 3, skipped: 0 });
+    expect(calls).to.deep.equal(['gate', 'pause', 'gate', 'pause', 'gate']);
+  });
+
   describe('SWEEP_MAX_DURATION', () => {
     it('ends a sweep as partial; the next resumes from its position, rereads nothing, and together they delete exactly the dead rows', async () => {
       await installSweepPositions(database.current);
@@ -188,6 +215,67 @@ describe('the sweep’s pacing', () => {
       const third = await sweeperFor(database.current, environment(table), cleanup);
       finishedSweep(await third.sweeper.sweep('schedule'));
       expect(batchesOf(third.logs.events('sweep.batch'))[0]!.fromPage).to.equal(0);
+    });
+
+    it('resumes a table partitioned by expiry in its default partition, where the partial sweep stopped', async () => {
+      await installSweepPositions(database.current);
+      await createPartitionedTable(database.current, 'pacing_parts', {
+        fromDay: -2,
+        toDay: 3,
+        withDefault: true,
+      });
+      const table = 'pacing_parts.refresh_tokens';
+      const partition = 'pacing_parts.refresh_tokens_default';
+      // A first sweep makes the partitions ahead, so that the partial one below spends its
+      // window walking rather than making them.
+      finishedSweep(
+        await (
+          await sweeperFor(database.current, environment(table), cleanup)
+        ).sweeper.sweep('cli'),
+      );
+      // Rows that no day partition takes: long expired, or expiring beyond any horizon.
+      await database.current.query(
+        `INSERT INTO ${table} (user_id, token_hash, revoked, expires_at)
+         SELECT gen_random_uuid(), md5(random()::text || i), random() < 0.2,
+                now() + CASE WHEN random() < 0.5 THEN -1 ELSE 1 END * (interval '500 days' + random() * interval '10 days')
+         FROM generate_series(1, 40000) i`,
+      );
+      const live = await liveIds(database.current, { table, kind: 'refresh_tokens' });
+      const first = await sweeperFor(
+        database.current,
+        environment(table, {
+          SWEEP_BATCH_PAGES: '2',
+          SWEEP_BATCH_TARGET_MS: '2',
+          SWEEP_PAUSE_RATIO: '4',
+          SWEEP_MAX_DURATION: '400ms',
+        }),
+        cleanup,
+      );
+      const partial = finishedSweep(await first.sweeper.sweep('schedule'));
+      expect(partial).to.include({ partial: true });
+      const inPartition = (lines: readonly CapturedLine[]) =>
+        batchesOf(lines.filter((line) => line.table === partition));
+      const walked = inPartition(first.logs.events('sweep.batch'));
+      const stoppedAt = Math.max(...walked.map((batch) => batch.toPage));
+      expect(stoppedAt).to.be.above(0);
+      const saved = await database.current.query(
+        `SELECT relation, next_page FROM token_reaper.sweep_positions WHERE target = '${table}'`,
+      );
+      // The current day's partition, which the window left unwalked, may be saved at page 0.
+      expect(saved.filter((row) => row.next_page !== 0)).to.deep.equal([
+        { relation: partition, next_page: stoppedAt },
+      ]);
+
+      const second = await sweeperFor(database.current, environment(table), cleanup);
+      const rest = finishedSweep(await second.sweeper.sweep('schedule'));
+      expect(rest).to.include({ partial: false });
+      const resumed = inPartition(second.logs.events('sweep.batch'));
+      expect(resumed[0]!.fromPage).to.equal(stoppedAt);
+      expect(Math.min(...resumed.map((batch) => batch.fromPage))).to.equal(stoppedAt);
+      expect(await allIds(database.current, { table })).to.deep.equal(live);
+      expect(
+        await database.current.query('SELECT * FROM token_reaper.sweep_positions'),
+      ).to.deep.equal([]);
     });
 
     it('starts a table rewritten since the partial sweep from page 0', async () => {

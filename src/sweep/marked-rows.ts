@@ -10,6 +10,9 @@
 // same ctid names a row in every partition. The predicate is checked again by the DELETE, so
 // a row restored since the SELECT stays. A TID scan visits its list in sorted order, so this
 // locks rows in physical order, like the sweep's TID-range batches: the two cannot deadlock.
+// In a sweep, the batches are paced as the TID-range walk's are: the replica gate before each,
+// and SWEEP_PAUSE_RATIO × its duration after it (`pacing`). A catch-up is not paced: it
+// deletes what a revocation left behind, and is meant to be done quickly.
 // A row another transaction holds locked is deleted around, not waited on
 // (locked-rows.ts): it is left, counted in `skipped`, and kept out of the later batches, so
 // that the caller can come back for it.
@@ -46,6 +49,11 @@ export async function deleteMarkedRows(
     signal?: AbortSignal;
     /** Called after each committed batch, so a caller can report progress even on failure. */
     onBatch?: (rows: number) => void;
+    /** A sweep's pacing: awaited before each batch, and after each but the last. */
+    pacing?: {
+      beforeBatch(): Promise<void>;
+      afterBatch(durationMs: number): Promise<void>;
+    };
   } = {},
 ): Promise<MarkedRowsResult> {
   const table = relationIdentifier(relation);
@@ -89,11 +97,15 @@ export async function deleteMarkedRows(
   let rows = 0;
   let batches = 0;
   for (;;) {
+    await options.pacing?.beforeBatch();
+    if (options.signal?.aborted) break;
+    const started = performance.now();
     const batch = await retryOnDeadlock(deleteBatch);
     options.onBatch?.(batch.rows);
     rows += batch.rows;
     batches += 1;
     if (batch.listed < MARKED_ROWS_BATCH || options.signal?.aborted) break;
+    await options.pacing?.afterBatch(performance.now() - started);
   }
   return { rows, batches, skipped: skipped.length };
 }

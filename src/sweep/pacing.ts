@@ -66,6 +66,11 @@ export interface Pacer {
    * for, or until `signal` aborts.
    */
   finished(pages: number, durationMs: number, signal: AbortSignal): Promise<void>;
+  /**
+   * Waits the pause a batch of `durationMs` calls for, without sizing from it: for batches
+   * not sized in pages (a partition's marked rows).
+   */
+  pause(durationMs: number, signal: AbortSignal): Promise<void>;
   /** The distribution of the batch durations so far, or null before the first batch. */
   durations(): BatchDurations | null;
 }
@@ -121,16 +126,21 @@ export function createPacer(settings: PacingSettings): Pacer {
     pages = clampPages(Math.min(budget / costPerPage, batchPages * MAX_GROWTH));
   };
 
+  const pause = async (durationMs: number, signal: AbortSignal) => {
+    const pauseMs = durationMs * settings.pauseRatio;
+    if (pauseMs >= 1 && !signal.aborted) {
+      await delay(pauseMs, undefined, { signal }).catch(() => undefined);
+    }
+  };
+
   return {
     nextPages: () => pages,
     async finished(batchPages, durationMs, signal) {
       measured.push(durationMs);
       if (sizing) resize(batchPages, durationMs);
-      const pauseMs = durationMs * settings.pauseRatio;
-      if (pauseMs >= 1 && !signal.aborted) {
-        await delay(pauseMs, undefined, { signal }).catch(() => undefined);
-      }
+      await pause(durationMs, signal);
     },
+    pause,
     durations: () => distribution(measured),
   };
 }

@@ -294,7 +294,14 @@ export async function sweepPartitions(sweep: PartitionSweep): Promise<PartitionS
       rows += walked.rows;
       batches += walked.batches;
     } else {
-      const marked = await deleteMarkedRows(pool, shape, partition, { mode, signal });
+      const marked = await deleteMarkedRows(pool, shape, partition, {
+        mode,
+        signal,
+        pacing: {
+          beforeBatch: async () => sweep.gate?.wait(signal),
+          afterBatch: (durationMs) => sweep.pacer.pause(durationMs, signal),
+        },
+      });
       rows += marked.rows;
       batches += marked.batches;
     }
