@@ -576,7 +576,7 @@ function readPositiveDuration(
 // Measured (npm run bench -- --only gentle; docs/benchmarks.md, "Gentle sweep"): the two that
 // kept the auth workload's p99 within 1.5× of its rest on a table with five indexes.
 export const DEFAULT_BATCH_TARGET_MS = 20;
-export const DEFAULT_PAUSE_RATIO = 2;
+export const DEFAULT_PAUSE_RATIO = 5;
 
 /** A decimal from 0 to 100, or `fallback` when unset. */
 function readRatio(

@@ -185,7 +185,7 @@ describe('config', () => {
     expect(loadConfig(minimal).sweep).to.include({
       batchPages: 100,
       batchTargetMs: 20,
-      pauseRatio: 2,
+      pauseRatio: 5,
       maxReplicaLagMs: null,
       maxDurationMs: null,
     });
