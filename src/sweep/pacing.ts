@@ -16,8 +16,8 @@
 // in another zone makes long. Blamed on the pages, it would shrink every batch to one page
 // and make the sweep no gentler, only endless. So the pacer fits the recent batches to
 // `fixed + perPage × pages` (least squares), sizes the pages for what the aim leaves after
-// the fixed part, and leaves them at least 30% of the target when the fixed part takes (about)
-// all of the aim. SWEEP_BATCH_TARGET_MS=0 turns sizing off: every batch is SWEEP_BATCH_PAGES.
+// the fixed part, and leaves them at least half the aim when the fixed part takes more.
+// SWEEP_BATCH_TARGET_MS=0 turns sizing off: every batch is SWEEP_BATCH_PAGES.
 // The first batch is SWEEP_BATCH_PAGES (100 by default: about 10 ms on a table with five
 // indexes), small so that it does not become the slowest of the walk.
 //
@@ -43,11 +43,6 @@ const MAX_GROWTH = 2;
  * that p99 measured 30–33 ms on one day and 21 ms on another; at a median of 6 ms, 17–21 ms.
  */
 export const AIM_SHARE = 0.4;
-/**
- * What the pages of a batch get, as a share of the target, when the fixed cost leaves them
- * less: a fixed cost over the target cannot be sized away, and the walk must still progress.
- */
-const FIXED_COST_PAGES_SHARE = 0.3;
 /** The recent batches the fixed cost is fitted on. */
 const FIT_WINDOW = 16;
 
@@ -123,7 +118,7 @@ export function createPacer(settings: PacingSettings): Pacer {
     // Kept while the sizes are too alike to fit again: a settled walk must not lose it.
     fixedMs = fixedCostMs(recent) || fixedMs;
     const aimMs = settings.targetMs * AIM_SHARE;
-    const budget = Math.max(aimMs - fixedMs, settings.targetMs * FIXED_COST_PAGES_SHARE);
+    const budget = Math.max(aimMs - fixedMs, aimMs / 2);
     // A batch shorter than the timer's resolution tells only that pages are cheap.
     const cost = Math.max(durationMs - fixedMs, 0.05 * durationMs, 0.1) / batchPages;
     if (durationMs > aimMs || costPerPage === null) {
