@@ -17,6 +17,12 @@
 // and make the sweep no gentler, only endless. So the pacer fits the recent batches to
 // `fixed + perPage × pages` (least squares), sizes the pages for what the aim leaves after
 // the fixed part, and leaves them at least half the aim when the fixed part takes more.
+// The fit needs batches of different sizes. A walk shrunk to one page, with every batch over
+// the aim, has none left: whether the page is slow or the fixed cost was misjudged (one noisy
+// first batch makes the pages look dear), it would stay at one page for good. So after
+// FIT_WINDOW such batches the pacer tries one of two pages (a probe): on a table whose pages
+// are slow that costs one batch in FIT_WINDOW + 1 twice as long; on one whose cost is fixed it
+// reveals that, and the batches grow again.
 // SWEEP_BATCH_TARGET_MS=0 turns sizing off: every batch is SWEEP_BATCH_PAGES.
 // The first batch is SWEEP_BATCH_PAGES (100 by default: about 10 ms on a table with five
 // indexes), small so that it does not become the slowest of the walk.
@@ -87,9 +93,8 @@ const clampPages = (pages: number) =>
  * quickest of them took.
  */
 export function fixedCostMs(recent: readonly { pages: number; ms: number }[]): number {
-  if (recent.length < 3) return 0;
+  if (recent.length < 3 || !sizesDiffer(recent)) return 0;
   const pages = recent.map((batch) => batch.pages);
-  if (Math.max(...pages) < 1.5 * Math.min(...pages)) return 0;
   const meanPages = pages.reduce((sum, value) => sum + value, 0) / recent.length;
   const meanMs = recent.reduce((sum, batch) => sum + batch.ms, 0) / recent.length;
   let covariance = 0;
@@ -102,6 +107,12 @@ export function fixedCostMs(recent: readonly { pages: number; ms: number }[]): n
   const intercept = meanMs - perPage * meanPages;
   return Math.min(Math.max(0, intercept), ...recent.map((batch) => batch.ms));
 }
+
+/** Whether `recent` batches differ enough in size to tell a fixed cost from a cost per page. */
+const sizesDiffer = (recent: readonly { pages: number }[]) => {
+  const pages = recent.map((batch) => batch.pages);
+  return Math.max(...pages) >= 1.5 * Math.min(...pages);
+};
 
 /** One per table walk: what a page costs is the table's own. */
 export function createPacer(settings: PacingSettings): Pacer {
@@ -127,6 +138,11 @@ export function createPacer(settings: PacingSettings): Pacer {
       costPerPage = COST_SMOOTHING * cost + (1 - COST_SMOOTHING) * costPerPage;
     }
     pages = clampPages(Math.min(budget / costPerPage, batchPages * MAX_GROWTH));
+    const stuckAtOnePage =
+      pages === MIN_BATCH_PAGES &&
+      recent.length === FIT_WINDOW &&
+      recent.every((batch) => batch.pages === MIN_BATCH_PAGES && batch.ms > aimMs);
+    if (stuckAtOnePage) pages = MIN_BATCH_PAGES * MAX_GROWTH;
   };
 
   const pause = async (durationMs: number, signal: AbortSignal) => {
