@@ -14,6 +14,7 @@ import {
 } from './support/database.js';
 import { findFreePort } from './support/embedded-server.js';
 import { createReferenceSchema, revokeThenUndo } from './support/fixtures.js';
+import { createPgoutputDecoder } from '../src/purge/sources/pgoutput.js';
 
 interface WalDatabase {
   readonly url: string;
@@ -458,6 +459,98 @@ describe('PURGE_SOURCE=wal', function () {
     } finally {
       await database.end();
     }
+  });
+
+  describe('the decoder, on the server’s own pgoutput messages', () => {
+    let client: pg.Client;
+    before(async () => {
+      const url = new URL(server.url);
+      client = new pg.Client({ connectionString: server.url });
+      await client.connect();
+      await client.query('CREATE DATABASE pgoutput_decoder');
+      await client.end();
+      url.pathname = '/pgoutput_decoder';
+      client = new pg.Client({ connectionString: url.toString() });
+      await client.connect();
+    });
+    after(async () => {
+      await client
+        ?.query("SELECT pg_drop_replication_slot('pgoutput_decoder')")
+        .catch(() => undefined);
+      await client?.end();
+    });
+
+    it('reads only the columns asked for, as the server’s text: NULLs, multi-byte text, unchanged TOAST from a whole old row, and skips other tables', async () => {
+      await client.query(`
+        CREATE TABLE tokens (id text PRIMARY KEY, note text, revoked boolean NOT NULL,
+                             revoked_at timestamptz, expires_at timestamptz NOT NULL);
+        ALTER TABLE tokens REPLICA IDENTITY FULL;
+        CREATE TABLE others (id int PRIMARY KEY, revoked boolean);
+        CREATE PUBLICATION pgoutput_decoder FOR TABLE tokens, others
+          WITH (publish = 'update, insert')`);
+      await client.query(
+        "SELECT pg_create_logical_replication_slot('pgoutput_decoder', 'pgoutput')",
+      );
+      const before = Date.now();
+      // A note long and random enough to be stored out of line (TOAST), then left unchanged.
+      const note = Array.from({ length: 400 }, () => Math.random().toString(36)).join('');
+      await client.query(
+        `INSERT INTO tokens VALUES ('clé-ü', $1, false, NULL, '2030-01-02 03:04:05.678+00')`,
+        [note],
+      );
+      await client.query(
+        "UPDATE tokens SET revoked = true, revoked_at = '2026-12-06 01:02:03+00' WHERE id = 'clé-ü'",
+      );
+      await client.query('INSERT INTO others VALUES (1, true)');
+      const messages = await client.query<{ data: Buffer }>(
+        `SELECT data FROM pg_logical_slot_peek_binary_changes('pgoutput_decoder', NULL, NULL,
+           'proto_version', '1', 'publication_names', '"pgoutput_decoder"')`,
+      );
+      const walEnd = BigInt(
+        (await client.query<{ lsn: string }>("SELECT pg_current_wal_lsn() - '0/0' AS lsn")).rows[0]!
+          .lsn,
+      );
+      const decoder = createPgoutputDecoder((table) =>
+        table === 'public.tokens' ? ['id', 'note', 'revoked', 'revoked_at'] : null,
+      );
+      const decoded = messages.rows.map((row) => decoder.decode(row.data));
+      const changes = decoded.filter(
+        (message) => message.tag === 'insert' || message.tag === 'update',
+      );
+      expect(changes).to.deep.equal([
+        {
+          tag: 'insert',
+          table: 'public.tokens',
+          values: { id: 'clé-ü', note, revoked: 'f', revoked_at: null },
+        },
+        {
+          tag: 'update',
+          table: 'public.tokens',
+          values: { id: 'clé-ü', note, revoked: 't', revoked_at: '2026-12-06 01:02:03+00' },
+        },
+      ]);
+      // Three transactions, each a begin and a commit; the other table's change is skipped.
+      expect(decoded.map((message) => message.tag).filter((tag) => tag !== 'other')).to.deep.equal([
+        'begin',
+        'insert',
+        'commit',
+        'begin',
+        'update',
+        'commit',
+        'begin',
+        'commit',
+      ]);
+      let previousEnd = 0n;
+      for (const message of decoded) {
+        if (message.tag === 'begin') {
+          expect(message.commitTimeMs).to.be.within(before - 60_000, Date.now() + 60_000);
+        }
+        if (message.tag === 'commit') {
+          expect(message.endLsn > previousEnd && message.endLsn <= walEnd).to.equal(true);
+          previousEnd = message.endLsn;
+        }
+      }
+    });
   });
 });
 

@@ -19,7 +19,7 @@
 // (a replica) finds the slot active, logs `wal.waiting` once, stands by and tries again every
 // few seconds, so it takes over within seconds of the first one going away.
 import { setTimeout as delay } from 'node:timers/promises';
-import { LogicalReplicationService, PgoutputPlugin, type Pgoutput } from 'pg-logical-replication';
+import { LogicalReplicationService } from 'pg-logical-replication';
 import type { Config } from '../../config.js';
 import { listenerConnectionConfig } from '../../db.js';
 import { ConfigurationError, StandbyError } from '../../errors.js';
@@ -27,8 +27,9 @@ import type { ReaperEvents } from '../../events.js';
 import { reconnectDelay } from '../../listener.js';
 import { serializeError, type Logger } from '../../logger.js';
 import { jittered } from '../../retry.js';
-import { recordsRevocationTimes, type TableShape } from '../../schema.js';
+import { markerColumn, recordsRevocationTimes, type TableShape } from '../../schema.js';
 import type { CatchUpReason, Purger } from '../purger.js';
+import { pgoutputPlugin, type DecodedMessage, type DecodedValues } from './pgoutput.js';
 import type { PurgeSource } from './source.js';
 import {
   checkReplicaIdentities,
@@ -58,10 +59,14 @@ class SlotInUseError extends Error {
 
 type WalConfig = Pick<Config, 'databaseUrl' | 'listenDatabaseUrl' | 'purge' | 'statementTimeoutMs'>;
 
-/** True when a decoded row should reach the purger: revoked now, or, while revocation times are recorded, any change of the marker (an un-revoke must forget its time). */
+/**
+ * True when a decoded row should reach the purger: revoked now, or, while revocation times are
+ * recorded, any change of the marker (an un-revoke must forget its time). The row's values are
+ * the server's text: a boolean is "t" or "f".
+ */
 export function isRevocationChange(
   shape: TableShape,
-  row: Readonly<Record<string, unknown>>,
+  row: DecodedValues,
   kind: 'insert' | 'update',
 ): boolean {
   const marker = shape.marker;
@@ -71,7 +76,7 @@ export function isRevocationChange(
     return value !== null && value !== undefined;
   }
   if (kind === 'update' && recordsRevocationTimes(shape)) return true;
-  return row[marker.column] === marker.dead;
+  return row[marker.column] === (marker.dead ? 't' : 'f');
 }
 
 /** An LSN, "16/B374D848", as a number. */
@@ -122,8 +127,11 @@ export function createWalSource({
    * starts at the slot's confirmed_flush_lsn, so that a reply is possible at once.
    */
   let confirmed: bigint | null = null;
-  /** The transaction being decoded, with its commit time for the latency figure; null between. */
-  let transaction: { committedAt: string } | null = null;
+  /**
+   * The transaction being decoded, with its commit time for the latency figure (as ISO text
+   * once a revocation needs it); null between.
+   */
+  let transaction: { commitTimeMs: number; committedAt: string | null } | null = null;
   let advancing = false;
   /**
    * The catch-up this process owes, once the stream has settled past `after` (the WAL's end
@@ -169,24 +177,29 @@ export function createWalSource({
     }
   };
 
-  const onData = (_lsn: string, message: Pgoutput.Message) => {
+  /** What the decoder reads of a table's changes: its id and its marker, and no other column. */
+  const columnsToRead = (table: string) => {
+    const shape = byTable.get(table)?.shape;
+    if (shape?.marker === null || shape?.marker === undefined || shape.id === null) return null;
+    return [shape.id.column, markerColumn(shape.marker)];
+  };
+
+  const onData = (_lsn: string, message: DecodedMessage) => {
     if (stopped) return;
     switch (message.tag) {
-      case 'begin': {
-        const micros = message.commitTime as bigint;
-        transaction = { committedAt: new Date(Number(micros / 1000n)).toISOString() };
+      case 'begin':
+        transaction = { commitTimeMs: message.commitTimeMs, committedAt: null };
         return;
-      }
       case 'insert':
       case 'update': {
-        const table = `${message.relation.schema}.${message.relation.name}`;
+        const { table, values } = message;
         const purger = byTable.get(table);
         if (purger === undefined || transaction === null) return;
-        if (!isRevocationChange(purger.shape, message.new, message.tag)) return;
-        const id = message.new[purger.shape.id!.column] as unknown;
+        if (!isRevocationChange(purger.shape, values, message.tag)) return;
+        transaction.committedAt ??= new Date(transaction.commitTimeMs).toISOString();
         const problem = purger.receive({
           table,
-          id: id === null || id === undefined ? id : String(id),
+          id: values[purger.shape.id!.column],
           revoked_at: transaction.committedAt,
         });
         // A decoded value that the purger cannot use: its catch-up finds the row instead.
@@ -196,13 +209,10 @@ export function createWalSource({
         }
         return;
       }
-      case 'commit': {
+      case 'commit':
         transaction = null;
-        if (message.commitEndLsn !== null) {
-          decoded = later(decoded, parseLsn(message.commitEndLsn));
-        }
+        if (message.endLsn > 0n) decoded = later(decoded, message.endLsn);
         return;
-      }
       default:
         return;
     }
@@ -338,7 +348,7 @@ export function createWalSource({
       failure ??= error;
     });
     const started = new Promise<void>((resolve) => replication.once('start', () => resolve()));
-    const plugin = new PgoutputPlugin({ protoVersion: 1, publicationNames: [slot] });
+    const plugin = pgoutputPlugin(slot, columnsToRead);
     const ended = replication.subscribe(plugin, slot).then(
       () => {
         if (failure !== null) throw failure;
