@@ -27,6 +27,13 @@ const batchesOf = (lines: readonly CapturedLine[]) =>
 const sizes = (batches: readonly BatchLine[]) =>
   batches.map((batch) => batch.toPage - batch.fromPage);
 
+/**
+ * A sweep that a SWEEP_MAX_DURATION of a few hundred ms ends in the middle of a table: batches
+ * of one page, not sized by time (on a fast server they would grow, and the walk finish within
+ * the window), each followed by a pause four times as long.
+ */
+const SLOW_WALK = { SWEEP_BATCH_PAGES: '1', SWEEP_BATCH_TARGET_MS: '0', SWEEP_PAUSE_RATIO: '4' };
+
 describe('the sweep’s pacing', () => {
   const database = useTestDatabase('sweep_pacing');
   const cleanup: (() => Promise<void>)[] = [];
@@ -169,9 +176,7 @@ describe('the sweep’s pacing', () => {
       const first = await sweeperFor(
         database.current,
         environment(table, {
-          SWEEP_BATCH_PAGES: '2',
-          SWEEP_BATCH_TARGET_MS: '2',
-          SWEEP_PAUSE_RATIO: '4',
+          ...SLOW_WALK,
           SWEEP_MAX_DURATION: '400ms',
         }),
         cleanup,
@@ -247,9 +252,7 @@ describe('the sweep’s pacing', () => {
       const first = await sweeperFor(
         database.current,
         environment(table, {
-          SWEEP_BATCH_PAGES: '2',
-          SWEEP_BATCH_TARGET_MS: '2',
-          SWEEP_PAUSE_RATIO: '4',
+          ...SLOW_WALK,
           SWEEP_MAX_DURATION: '400ms',
         }),
         cleanup,
@@ -287,9 +290,7 @@ describe('the sweep’s pacing', () => {
       const first = await sweeperFor(
         database.current,
         environment(table, {
-          SWEEP_BATCH_PAGES: '2',
-          SWEEP_BATCH_TARGET_MS: '2',
-          SWEEP_PAUSE_RATIO: '4',
+          ...SLOW_WALK,
           SWEEP_MAX_DURATION: '300ms',
         }),
         cleanup,
@@ -309,9 +310,7 @@ describe('the sweep’s pacing', () => {
       const { sweeper, logs } = await sweeperFor(
         database.current,
         environment(table, {
-          SWEEP_BATCH_PAGES: '2',
-          SWEEP_BATCH_TARGET_MS: '2',
-          SWEEP_PAUSE_RATIO: '4',
+          ...SLOW_WALK,
           SWEEP_MAX_DURATION: '300ms',
         }),
         cleanup,

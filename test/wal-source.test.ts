@@ -491,6 +491,8 @@ describe('PURGE_SOURCE=wal', function () {
       await client.query(
         "SELECT pg_create_logical_replication_slot('pgoutput_decoder', 'pgoutput')",
       );
+      // The slot reads only flushed WAL: commits must flush it, whatever the server's default.
+      await client.query('SET synchronous_commit = on');
       const before = Date.now();
       // A note long and random enough to be stored out of line (TOAST), then left unchanged.
       const note = Array.from({ length: 400 }, () => Math.random().toString(36)).join('');
