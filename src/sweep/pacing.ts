@@ -93,8 +93,9 @@ const clampPages = (pages: number) =>
  * quickest of them took.
  */
 export function fixedCostMs(recent: readonly { pages: number; ms: number }[]): number {
-  if (recent.length < 3 || !sizesDiffer(recent)) return 0;
+  if (recent.length < 3) return 0;
   const pages = recent.map((batch) => batch.pages);
+  if (Math.max(...pages) < 1.5 * Math.min(...pages)) return 0;
   const meanPages = pages.reduce((sum, value) => sum + value, 0) / recent.length;
   const meanMs = recent.reduce((sum, batch) => sum + batch.ms, 0) / recent.length;
   let covariance = 0;
@@ -107,12 +108,6 @@ export function fixedCostMs(recent: readonly { pages: number; ms: number }[]): n
   const intercept = meanMs - perPage * meanPages;
   return Math.min(Math.max(0, intercept), ...recent.map((batch) => batch.ms));
 }
-
-/** Whether `recent` batches differ enough in size to tell a fixed cost from a cost per page. */
-const sizesDiffer = (recent: readonly { pages: number }[]) => {
-  const pages = recent.map((batch) => batch.pages);
-  return Math.max(...pages) >= 1.5 * Math.min(...pages);
-};
 
 /** One per table walk: what a page costs is the table's own. */
 export function createPacer(settings: PacingSettings): Pacer {

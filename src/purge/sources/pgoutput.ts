@@ -3,8 +3,8 @@
 // pg-logical-replication's own parser turns every column of every change into a JavaScript
 // value through pg's type parsers: on the auth service's hottest path, a refresh-token
 // rotation, that is two whole rows with their timestamps, of which the wal source needs the
-// id and the marker of one. Profiled under 16 rotating clients, that parsing (with the
-// library's position strings) was about a third of the daemon's CPU. This decoder reads the
+// id and the marker of one. Measured under 16 rotating clients, a consumer that only decodes
+// took 31–35 µs of CPU per rotation with that parser, and 23–29 µs with this one, which reads the
 // relation messages to learn each table's columns once, then takes from each insert and update
 // only the columns the source asks for, as the text the server sent, and steps over the rest.
 //
@@ -17,7 +17,8 @@ export type DecodedValues = Readonly<Record<string, string | null | undefined>>;
 export type DecodedMessage =
   | {
       readonly tag: 'begin';
-      /** The commit's time, in ms since 1970. */ readonly commitTimeMs: number;
+      /** The commit's time, in ms since 1970. */
+      readonly commitTimeMs: number;
     }
   | {
       readonly tag: 'insert' | 'update';
