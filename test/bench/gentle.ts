@@ -156,6 +156,12 @@ export interface GentleCondition {
     readonly workloadP99Ratio: number | null;
     /** during ÷ the median at-rest p99 of every run of every condition: a steadier baseline. */
     readonly workloadP99RatioToPooled: number | null;
+    /** The share of the sweep's time inside batches, and of the operations that overlapped one. */
+    readonly busyShare: number | null;
+    readonly operationsInBatchesShare: number | null;
+    /** The workload's p99 over the operations that overlapped a batch, and over the rest. */
+    readonly workloadP99InBatchesMs: number | null;
+    readonly workloadP99BetweenBatchesMs: number | null;
   };
 }
 
@@ -465,6 +471,15 @@ function summarizeCondition(
       workloadP99DuringMs: during,
       workloadP99Ratio: ratio(during, atRest),
       workloadP99RatioToPooled: ratio(during, pooledAtRestP99Ms),
+      busyShare: of((run) => run.workloadByBatch?.busyShare ?? null),
+      operationsInBatchesShare: of((run) => {
+        const split = run.workloadByBatch;
+        if (split === null) return null;
+        const all = split.inBatches.operations + split.betweenBatches.operations;
+        return all === 0 ? null : split.inBatches.operations / all;
+      }),
+      workloadP99InBatchesMs: of((run) => run.workloadByBatch?.inBatches.p99Ms ?? null),
+      workloadP99BetweenBatchesMs: of((run) => run.workloadByBatch?.betweenBatches.p99Ms ?? null),
     },
   };
 }
@@ -489,6 +504,12 @@ async function runSweep(
     (line) => line.event === 'sweep.batch' && typeof line['durationMs'] === 'number',
   );
   const durations = batches.map((line) => line['durationMs'] as number);
+  // Each line is written as its batch ends, stamped with the wall clock to the millisecond;
+  // performance.timeOrigin turns that into the workload's performance.now() time.
+  const spans = batches.map((line) => {
+    const to = Date.parse(line.timestamp) - performance.timeOrigin;
+    return { from: to - (line['durationMs'] as number), to };
+  });
   const pages = batches
     .map((line) => Number(line['toPage']) - Number(line['fromPage']))
     .filter((count) => Number.isFinite(count));
@@ -524,6 +545,7 @@ async function runSweep(
       statements: batches.length,
       slowestTransactionMs: computed.maxMs,
       window,
+      batches: spans,
       details: {
         tables: ended['tables'],
         ...(ended['partial'] ? { partial: ended['partial'] } : {}),
@@ -1170,7 +1192,34 @@ export function renderGentle(
       : `The smallest SWEEP_PAUSE_RATIO of ${gentle.pauseRatios.join(', ')} that kept the workload p99 ≤ ` +
           `${WORKLOAD_P99_GOAL} × at rest: **${gentle.smallestPauseRatioWithinGoal}**.`,
   );
+  renderByBatch(gentle, lines);
   renderReplica(gentle.replica, lines);
+}
+
+/** Where the workload's slow operations fell: while a batch ran, or between batches. */
+function renderByBatch(gentle: GentleResult, lines: string[]) {
+  const sweeps = gentle.conditions.filter(
+    (condition) => condition.kind === 'sweep' && condition.median.busyShare !== null,
+  );
+  if (sweeps.length === 0) return;
+  const percent = (share: number | null) =>
+    share === null ? '–' : `${formatNumber(share * 100, 0)}%`;
+  lines.push(
+    '',
+    '| sweep condition | time in batches | operations overlapping a batch | workload p99 at rest | p99 overlapping a batch | p99 between batches |',
+    '|---|--:|--:|--:|--:|--:|',
+    ...sweeps.map(
+      ({ label, median }) =>
+        `| ${label} | ${percent(median.busyShare)} | ${percent(median.operationsInBatchesShare)} | ` +
+        `${formatMs(median.workloadP99AtRestMs)} | ${formatMs(median.workloadP99InBatchesMs)} | ` +
+        `${formatMs(median.workloadP99BetweenBatchesMs)} |`,
+    ),
+    '',
+    'An operation overlaps a batch when any of it, from when it was due to when it ended, fell ' +
+      'between a batch’s start and its end (the sweep.batch line’s time, less its durationMs). ' +
+      'Slow operations between batches are what the batches leave behind (dirty pages, WAL to ' +
+      'write, the server’s background work), which pauses alone do not remove.',
+  );
 }
 
 function renderReplica(replica: ReplicaResult, lines: string[]) {

@@ -18,8 +18,11 @@ import { maximum } from './statistics.js';
 import type { Template, Templates } from './templates.js';
 import {
   connectWorkload,
+  splitByBatch,
   summarizeWorkload,
   WORKLOAD_HASH_PREFIX,
+  type TimeSpan,
+  type WorkloadByBatch,
   type WorkloadRecording,
   type WorkloadSummary,
 } from './workload.js';
@@ -45,6 +48,11 @@ export interface ContenderOutcome {
   readonly slowestTransactionMs: number | null;
   /** When the deleting ran, in performance.now() time: the workload is judged within it. */
   readonly window: { readonly from: number; readonly to: number };
+  /**
+   * When each of its batches ran, in the same time, where the contender reports them: the
+   * workload's operations are then told apart by whether they overlapped one.
+   */
+  readonly batches?: readonly TimeSpan[];
   readonly details: Readonly<Record<string, unknown>>;
 }
 
@@ -121,6 +129,8 @@ export interface ScenarioRun {
   readonly wal: WalAccount;
   readonly workloadAtRest: WorkloadSummary;
   readonly workloadDuring: WorkloadSummary;
+  /** The operations of workloadDuring split by whether they overlapped a batch, when known. */
+  readonly workloadByBatch: WorkloadByBatch | null;
   readonly check: CorrectnessCheck;
   readonly details: Readonly<Record<string, unknown>>;
 }
@@ -190,6 +200,10 @@ export async function runScenario(
         wal,
         workloadAtRest: summarizeWorkload(rest.samples),
         workloadDuring: summarizeWorkload(recording.samples, outcome.window),
+        workloadByBatch:
+          outcome.batches === undefined
+            ? null
+            : splitByBatch(recording.samples, outcome.window, outcome.batches),
         check,
         details: { rowsReported: outcome.rowsReported, ...outcome.details },
       };

@@ -195,6 +195,72 @@ export function summarizeWorkload(
   };
 }
 
+export interface TimeSpan {
+  readonly from: number;
+  readonly to: number;
+}
+
+/** The operations of a window, split by whether they overlapped one of the contender's batches. */
+export interface WorkloadByBatch {
+  /** Ran, at least in part, while a batch did. */
+  readonly inBatches: WorkloadSummary;
+  /** Ran wholly between batches: in the sweep's pauses, or its walk between them. */
+  readonly betweenBatches: WorkloadSummary;
+  /** The share of the window's time inside batches. */
+  readonly busyShare: number | null;
+}
+
+/**
+ * Where the slow operations of a window fall: in the contender's batches (they waited for its
+ * locks, its WAL flush, its share of the CPU), or between them (what the batches leave behind:
+ * dirty pages, the server's background work). An operation's span is from when it was due to
+ * when it ended, as its latency counts it.
+ */
+export function splitByBatch(
+  samples: readonly OperationSample[],
+  window: TimeSpan,
+  batches: readonly TimeSpan[],
+): WorkloadByBatch {
+  const sorted = [...batches].sort((left, right) => left.from - right.from);
+  // The batches run one after another, so the last one to start before an operation ended is
+  // the last one that can have overlapped it; if it ended before the operation was due, so
+  // did every one before it.
+  const overlaps = (sample: OperationSample) => {
+    const last = sorted[lastStartingBefore(sorted, sample.startedAt + sample.latencyMs)];
+    return last !== undefined && last.to >= sample.startedAt;
+  };
+  const inWindow = samples.filter(
+    (sample) => sample.startedAt >= window.from && sample.startedAt <= window.to,
+  );
+  const busyMs = sorted.reduce(
+    (sum, batch) =>
+      sum + Math.max(0, Math.min(batch.to, window.to) - Math.max(batch.from, window.from)),
+    0,
+  );
+  return {
+    inBatches: summarizeWorkload(inWindow.filter(overlaps)),
+    betweenBatches: summarizeWorkload(inWindow.filter((sample) => !overlaps(sample))),
+    busyShare: window.to > window.from ? busyMs / (window.to - window.from) : null,
+  };
+}
+
+/** The index of the last span starting at or before `time`, or -1 (binary search). */
+function lastStartingBefore(sorted: readonly TimeSpan[], time: number): number {
+  let low = 0;
+  let high = sorted.length - 1;
+  let found = -1;
+  while (low <= high) {
+    const middle = (low + high) >> 1;
+    if (sorted[middle]!.from <= time) {
+      found = middle;
+      low = middle + 1;
+    } else {
+      high = middle - 1;
+    }
+  }
+  return found;
+}
+
 export interface PacedLoop<Outcome> {
   readonly intervalMs: number;
   /** At most this many steps. */
