@@ -22,6 +22,7 @@ import {
 } from './purge/sources/wal-slot.js';
 import { inspectTargets, qualifiedName, relationIdentifier, type TableShape } from './schema.js';
 import { describeReading } from './targets/time.js';
+import { regclassOf } from './relation.js';
 
 export interface TargetExplanation {
   target: string;
@@ -34,7 +35,11 @@ export interface TargetExplanation {
   sweepDeletes: string;
   purgeDeletes: string | null;
   trigger: 'installed' | 'missing' | 'not used' | 'installed, not used';
-  indexes: { name: string; present: boolean }[];
+  /**
+   * present: built, valid, and on this table. Otherwise problem says what is wrong: missing,
+   * left invalid by an interrupted build, or its name taken by another table's index.
+   */
+  indexes: { name: string; present: boolean; problem: string | null }[];
   counts: { rows: number; marked: number; expired: number; dead: number };
   sideEffects: string[];
   warnings: string[];
@@ -152,14 +157,24 @@ async function explainShape(
   const indexNames = [indexes.expiry?.name, indexes.marker?.name].filter(
     (name): name is string => name !== undefined,
   );
-  const present = new Set(
-    await connection.anyFirst(sql.type(z.object({ name: z.string() }))`
-      SELECT c.relname AS name FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = ${table.schema} AND c.relkind IN ('i', 'I')
-        AND c.relname = ANY(${sql.array(indexNames, 'text')})
-    `),
+  // A name is not enough: after a table is renamed and made again, its old index keeps the name.
+  const found = new Map(
+    (
+      await connection.any(sql.type(z.object({ name: z.string(), problem: z.string().nullable() }))`
+        SELECT c.relname AS name,
+               CASE WHEN i.indrelid IS DISTINCT FROM ${regclassOf(table)}
+                      THEN 'its name is taken by ' || coalesce('the index of ' || i.indrelid::regclass::text, 'a relation that is no index')
+                    WHEN NOT i.indisvalid
+                      THEN 'invalid, left by an interrupted build'
+               END AS problem
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid
+        WHERE n.nspname = ${table.schema} AND c.relname = ANY(${sql.array(indexNames, 'text')})
+      `)
+    ).map((row) => [row.name, row.problem]),
   );
+  const indexProblem = (name: string) => (found.has(name) ? found.get(name)! : 'missing');
   const marker = shape.marker;
   const expiry = shape.expiry;
   return {
@@ -179,7 +194,7 @@ async function explainShape(
             (marker.graceSeconds > 0
               ? `, after a grace of ${seconds(marker.graceSeconds)} counted from ${marker.graceFrom ? `${marker.graceFrom.column} (${describeReading(marker.graceFrom)})` : 'the time token-reaper first sees it marked'}`
               : '')
-          : `${describeReading(marker.time)}: dead once set and not in the future` +
+          : `${marker.time.column} (${describeReading(marker.time)}): dead once set and not in the future` +
             (marker.graceSeconds > 0 ? `, plus a grace of ${seconds(marker.graceSeconds)}` : ''),
     expiry:
       expiry === null
@@ -200,7 +215,11 @@ async function explainShape(
         : shape.revokeTriggerInstalled
           ? 'installed'
           : 'missing',
-    indexes: indexNames.map((name) => ({ name, present: present.has(name) })),
+    indexes: indexNames.map((name) => ({
+      name,
+      present: indexProblem(name) === null,
+      problem: indexProblem(name),
+    })),
     counts,
     sideEffects: [...shape.sideEffects],
     warnings: [
@@ -215,9 +234,15 @@ async function explainShape(
             `the revoke trigger is still installed, and PURGE_SOURCE=${source} does not use it: every revoking commit pays for its NOTIFY. Run token-reaper install to drop it`,
           ]
         : []),
-      ...indexNames
-        .filter((name) => !present.has(name))
-        .map((name) => `the index ${name} is missing: run token-reaper install`),
+      ...indexNames.flatMap((name) => {
+        const problem = indexProblem(name);
+        if (problem === null) return [];
+        return [
+          problem.startsWith('its name is taken')
+            ? `the index ${name}: ${problem}. Rename or drop that one, then run token-reaper install`
+            : `the index ${name} is ${problem}: run token-reaper install`,
+        ];
+      }),
     ],
   };
 }
@@ -269,7 +294,7 @@ export function formatExplanation(explanation: Explanation): string {
     row('purge deletes', target.purgeDeletes === null ? null : `WHERE ${target.purgeDeletes}`);
     row('revoke trigger', target.trigger);
     for (const index of target.indexes) {
-      row('index', `${index.name}: ${index.present ? 'in place' : 'missing'}`);
+      row('index', `${index.name}: ${index.problem ?? 'in place'}`);
     }
     row(
       'now',

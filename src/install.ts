@@ -76,15 +76,22 @@ export interface InstallStep {
   recordSql: string;
 }
 
+/** An index the plan makes: its schema and name, and the table it belongs on. */
+export interface PlannedIndex {
+  schema: string;
+  name: string;
+  table: { schema: string; name: string };
+}
+
 export interface InstallStatement {
   sql: string;
   /** The index it builds concurrently, checked for an invalid leftover first. */
-  index: { schema: string; name: string } | null;
+  index: PlannedIndex | null;
   /**
    * The partitioned index it creates ON ONLY the parent, valid once every partition's index is
    * attached: one of the indexes the step's version row vouches for (recordedIndexGuard).
    */
-  partitionedIndex?: { schema: string; name: string };
+  partitionedIndex?: PlannedIndex;
 }
 
 /**
@@ -334,7 +341,9 @@ function renderStatements(
       const sql = renderSql(file.text, variables, file.file).trim();
       if (file.indexVariable === null) return [{ sql, index: null }];
       const name = (variables.get(file.indexVariable) as { identifier: string }).identifier;
-      if (!shape.partitioned) return [{ sql, index: { schema: shape.relation.schema, name } }];
+      if (!shape.partitioned) {
+        return [{ sql, index: { schema: shape.relation.schema, name, table: shape.relation } }];
+      }
       const attached = attachedIndexes.get(`${shape.relation.schema}.${name}`) ?? new Set<string>();
       return partitionedIndexStatements(file, config, shape, name, sql, attached);
     });
@@ -364,7 +373,7 @@ function partitionedIndexStatements(
     {
       sql: onlyParent,
       index: null,
-      partitionedIndex: { schema: shape.relation.schema, name: parentIndex },
+      partitionedIndex: { schema: shape.relation.schema, name: parentIndex, table: shape.relation },
     },
   ];
   // Partitions made after the parent's index existed already have theirs.
@@ -373,7 +382,7 @@ function partitionedIndexStatements(
     const leafIndex = (leafVariables.get(file.indexVariable!) as { identifier: string }).identifier;
     statements.push({
       sql: renderSql(file.text, leafVariables, file.file).trim(),
-      index: { schema: leaf.schema, name: leafIndex },
+      index: { schema: leaf.schema, name: leafIndex, table: leaf },
     });
     statements.push({
       sql: `ALTER INDEX ${escapeIdentifier(shape.relation.schema)}.${escapeIdentifier(parentIndex)} ATTACH PARTITION ${escapeIdentifier(leaf.schema)}.${escapeIdentifier(leafIndex)};`,
@@ -404,19 +413,17 @@ export function formatInstallPlan(plan: InstallPlan): string {
  * the transaction otherwise, and the row goes with it.
  */
 export function recordAfterIndexes(step: InstallStep): string[] {
-  const indexes = step.statements.flatMap((statement) =>
-    [statement.partitionedIndex, statement.index].flatMap((index) =>
-      index ? [escapeLiteral(quotedName(index))] : [],
-    ),
-  );
+  const indexes = plannedIndexes(step);
   if (indexes.length === 0) return [step.recordSql];
+  const array = (names: string[]) => `ARRAY[${names.map(escapeLiteral).join(', ')}]`;
   return [
     [
       'DO $token_reaper$',
       'BEGIN',
       '  IF EXISTS (',
-      `    SELECT FROM unnest(ARRAY[${indexes.join(', ')}]) name`,
-      '    LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = to_regclass(name)',
+      `    SELECT FROM unnest(${array(indexes.map(quotedName))}, ${array(indexes.map((index) => quotedName(index.table)))}) planned (name, on_table)`,
+      '    LEFT JOIN pg_catalog.pg_index i',
+      '      ON i.indexrelid = to_regclass(planned.name) AND i.indrelid = to_regclass(planned.on_table)',
       '    WHERE i.indisvalid IS NOT TRUE',
       '  ) THEN',
       `    RAISE EXCEPTION '%', ${escapeLiteral(`token-reaper: an index that ${step.file} builds is missing or invalid, so it is not recorded; run token-reaper install to build it`)};`,
@@ -497,6 +504,7 @@ async function applyStep(client: pg.Client, step: InstallStep, patience: Patienc
     });
     return;
   }
+  await refuseTakenIndexNames(client, step);
   for (const statement of step.statements) {
     if (statement.index) {
       await buildConcurrently(client, step.file, statement.sql, statement.index, patience);
@@ -1182,17 +1190,54 @@ async function objectsMissing(client: pg.Client, step: InstallStep): Promise<boo
     );
     if (result.rows[0]?.missing === true) return true;
   }
-  const indexes = step.statements.flatMap((statement) =>
-    statement.index
-      ? [`${escapeIdentifier(statement.index.schema)}.${escapeIdentifier(statement.index.name)}`]
-      : [],
-  );
+  const indexes = plannedIndexes(step);
   if (indexes.length === 0) return false;
+  // Missing too when the name is another table's index: a table renamed and made again.
   const result = await client.query<{ missing: boolean }>(
-    'SELECT bool_or(to_regclass(name) IS NULL) AS missing FROM unnest($1::text[]) name',
-    [indexes],
+    `SELECT bool_or(i.indexrelid IS NULL) AS missing
+     FROM unnest($1::text[], $2::text[]) planned (name, on_table)
+     LEFT JOIN pg_catalog.pg_index i
+       ON i.indexrelid = to_regclass(planned.name) AND i.indrelid = to_regclass(planned.on_table)`,
+    [indexes.map(quotedName), indexes.map((index) => quotedName(index.table))],
   );
   return result.rows[0]?.missing === true;
+}
+
+function plannedIndexes(step: InstallStep): PlannedIndex[] {
+  return step.statements.flatMap((statement) =>
+    [statement.partitionedIndex, statement.index].flatMap((index) => (index ? [index] : [])),
+  );
+}
+
+/**
+ * Stops install when the name of an index it makes is taken by another table's index, or by
+ * a relation that is no index: what a table renamed and made again (by a migration, an ORM's
+ * schema sync) leaves behind. IF NOT EXISTS would skip the build, and the new table would go
+ * without the index while install called it in place. Which of the two to rename is the
+ * user's call.
+ */
+async function refuseTakenIndexNames(client: pg.Client, step: InstallStep) {
+  const indexes = plannedIndexes(step);
+  if (indexes.length === 0) return;
+  const taken = await client.query<{ name: string; table: string; holder: string }>(
+    `SELECT planned.name, planned.on_table AS table,
+            coalesce('the index of ' || i.indrelid::regclass::text, 'a ' || CASE c.relkind
+              WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'S' THEN 'sequence'
+              ELSE 'relation' END) AS holder
+     FROM unnest($1::text[], $2::text[]) planned (name, on_table)
+     JOIN pg_catalog.pg_class c ON c.oid = to_regclass(planned.name)
+     LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid
+     WHERE i.indrelid IS DISTINCT FROM to_regclass(planned.on_table)`,
+    [indexes.map(quotedName), indexes.map((index) => quotedName(index.table))],
+  );
+  if (taken.rowCount === 0) return;
+  throw new ConfigurationError(
+    taken.rows.map(
+      (row) =>
+        `${step.file}: install names the index on ${row.table} ${row.name}, but that name is taken by ${row.holder}` +
+        ' (a table renamed and made again leaves this). Rename or drop that one, then run token-reaper install again.',
+    ),
+  );
 }
 
 export async function recordedVersions(client: pg.Client): Promise<Map<number, string>> {

@@ -241,5 +241,64 @@ describe('install', () => {
         await listener.close();
       }
     });
+
+    it("refuses index names that the table's predecessor still holds, and builds the indexes once they are free", async () => {
+      const environment = {
+        DATABASE_URL: database.url,
+        REFRESH_TOKENS_TABLE: 'auth.sessions',
+        REFRESH_TOKENS_ID_COLUMN: 'token_id',
+        REFRESH_TOKENS_EXPIRES_AT_COLUMN: 'valid_until',
+        REFRESH_TOKEN_NOTIFY_CHANNEL: 'sessions_revoked',
+        PASSWORD_RESETS_TABLE: 'none',
+      };
+      // A migration that rebuilds the table: the old one renamed, keeping its indexes' names.
+      await database.query(`ALTER TABLE auth.sessions RENAME TO sessions_before`);
+      await database.query(
+        `CREATE TABLE auth.sessions (token_id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+           user_id uuid NOT NULL, token_hash text NOT NULL, revoked_at timestamptz,
+           valid_until timestamptz NOT NULL)`,
+      );
+
+      const explained = await runCli(['explain', '--json'], environment);
+      expect(explained.code, explained.stderr).to.equal(0);
+      const [target] = (
+        JSON.parse(explained.stdout) as {
+          targets: { indexes: { name: string; present: boolean; problem: string | null }[] }[];
+        }
+      ).targets;
+      expect(target!.indexes).to.deep.include({
+        name: 'sessions_valid_until_idx',
+        present: false,
+        problem: 'its name is taken by the index of auth.sessions_before',
+      });
+
+      const refused = await runCli(['install'], environment);
+      expect(refused.code, refused.stdout).to.equal(2);
+      expect(refused.stderr).to.include(
+        'install names the index on "auth"."sessions" "auth"."sessions_valid_until_idx", but that name is taken by the index of auth.sessions_before',
+      );
+      const built = await database.query(
+        `SELECT count(*)::int AS count FROM pg_index WHERE indrelid = 'auth.sessions'::regclass`,
+      );
+      expect(built[0]!.count).to.equal(1); // the primary key alone
+
+      await database.query(
+        `ALTER INDEX auth.sessions_valid_until_idx RENAME TO sessions_before_valid_until_idx`,
+      );
+      await database.query(
+        `ALTER INDEX auth.sessions_revoked_at_idx RENAME TO sessions_before_revoked_at_idx`,
+      );
+      const finished = installFinished(await runCli(['install'], environment));
+      expect(finished.applied).to.include.members(['004-expiry-index.sql', '005-marker-index.sql']);
+      const indexes = await database.query(
+        `SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid = 'auth.sessions'::regclass AND NOT i.indisprimary ORDER BY 1`,
+      );
+      expect(indexes).to.deep.equal([
+        { name: 'sessions_revoked_at_idx', valid: true },
+        { name: 'sessions_valid_until_idx', valid: true },
+      ]);
+    });
   });
 });
