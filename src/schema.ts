@@ -327,7 +327,7 @@ async function describeRule(
     if (column.baseType === TIMESTAMP_WITHOUT_TIME_ZONE) {
       if (zone === null) {
         problems.push(
-          `${where}.${name} is ${column.type}, which holds no time zone, and no zone is declared for it. Set NAIVE_TIMESTAMPS_TIMEZONE (or ${rule.knobs.timezone}) to the zone the auth service writes it in, usually UTC.`,
+          `${where}.${name} is ${column.type}, which holds no time zone, and no zone is declared for it. Set ${rule.knobs.timezone === 'NAIVE_TIMESTAMPS_TIMEZONE' ? 'NAIVE_TIMESTAMPS_TIMEZONE' : `NAIVE_TIMESTAMPS_TIMEZONE (or ${rule.knobs.timezone})`} to the zone the auth service writes it in, usually UTC.`,
         );
         return null;
       }
@@ -463,7 +463,8 @@ async function describeRule(
       zones.set(
         zone,
         await connection.exists(
-          sql.unsafe`SELECT 1 FROM pg_catalog.pg_timezone_names WHERE name = ${zone}`,
+          // PostgreSQL reads zone names case-insensitively ('utc' works in AT TIME ZONE).
+          sql.unsafe`SELECT 1 FROM pg_catalog.pg_timezone_names WHERE lower(name) = lower(${zone})`,
         ),
       );
     }

@@ -58,6 +58,16 @@ describe('targets', () => {
     expect(refused.stderr).to.match(
       /prisma\.PasswordReset\.expiresAt is timestamp\(3\) without time zone/,
     );
+    expect(refused.stderr).not.to.include('(or NAIVE_TIMESTAMPS_TIMEZONE)');
+    // A zone that does not exist is refused by name, before anything is read as a time.
+    const unknown = await runCli(['sweep'], {
+      DATABASE_URL: environment.DATABASE_URL,
+      NAIVE_TIMESTAMPS_TIMEZONE: 'Mars/Olympus',
+    });
+    expect(unknown.code).to.equal(2);
+    expect(unknown.stderr).to.include(
+      'NAIVE_TIMESTAMPS_TIMEZONE="Mars/Olympus" is not a known IANA time zone',
+    );
   });
 
   it('finds a TypeORM schema (snake_case table, camelCase columns, timestamp) the same way', async () => {
@@ -81,7 +91,8 @@ describe('targets', () => {
       FROM generate_series(1, 120) g`);
     const result = await runCli(['sweep'], {
       DATABASE_URL: `${database.url}?options=-c%20search_path%3Dtypeorm`,
-      NAIVE_TIMESTAMPS_TIMEZONE: 'UTC',
+      // In lower case, as PostgreSQL itself accepts it.
+      NAIVE_TIMESTAMPS_TIMEZONE: 'utc',
     });
     expect(result.code, result.stderr).to.equal(0);
     const tokens = await database.query(`SELECT count(*)::int AS n FROM typeorm.refresh_token`);
