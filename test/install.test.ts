@@ -172,6 +172,14 @@ describe('install', () => {
 
   describe('with custom names and timestamp columns', () => {
     const database = useTestDatabase('install_custom');
+    const environment = () => ({
+      DATABASE_URL: database.url,
+      REFRESH_TOKENS_TABLE: 'auth.sessions',
+      REFRESH_TOKENS_ID_COLUMN: 'token_id',
+      REFRESH_TOKENS_EXPIRES_AT_COLUMN: 'valid_until',
+      REFRESH_TOKEN_NOTIFY_CHANNEL: 'sessions_revoked',
+      PASSWORD_RESETS_TABLE: 'none',
+    });
 
     it('renders the trigger and indexes for them, and rebuilds an index left invalid', async () => {
       await database.query(`CREATE SCHEMA auth`);
@@ -197,15 +205,7 @@ describe('install', () => {
       );
       expect(before[0]!.indisvalid).to.equal(false);
 
-      const environment = {
-        DATABASE_URL: database.url,
-        REFRESH_TOKENS_TABLE: 'auth.sessions',
-        REFRESH_TOKENS_ID_COLUMN: 'token_id',
-        REFRESH_TOKENS_EXPIRES_AT_COLUMN: 'valid_until',
-        REFRESH_TOKEN_NOTIFY_CHANNEL: 'sessions_revoked',
-        PASSWORD_RESETS_TABLE: 'none',
-      };
-      const result = await runCli(['install'], environment);
+      const result = await runCli(['install'], environment());
       const finished = installFinished(result);
       expect(finished.applied).to.deep.equal(
         ALL_FILES.filter((file) => !file.includes('password-resets')),
@@ -243,14 +243,6 @@ describe('install', () => {
     });
 
     it("refuses index names that the table's predecessor still holds, and builds the indexes once they are free", async () => {
-      const environment = {
-        DATABASE_URL: database.url,
-        REFRESH_TOKENS_TABLE: 'auth.sessions',
-        REFRESH_TOKENS_ID_COLUMN: 'token_id',
-        REFRESH_TOKENS_EXPIRES_AT_COLUMN: 'valid_until',
-        REFRESH_TOKEN_NOTIFY_CHANNEL: 'sessions_revoked',
-        PASSWORD_RESETS_TABLE: 'none',
-      };
       // A migration that rebuilds the table: the old one renamed, keeping its indexes' names.
       await database.query(`ALTER TABLE auth.sessions RENAME TO sessions_before`);
       await database.query(
@@ -259,7 +251,7 @@ describe('install', () => {
            valid_until timestamptz NOT NULL)`,
       );
 
-      const explained = await runCli(['explain', '--json'], environment);
+      const explained = await runCli(['explain', '--json'], environment());
       expect(explained.code, explained.stderr).to.equal(0);
       const [target] = (
         JSON.parse(explained.stdout) as {
@@ -272,7 +264,7 @@ describe('install', () => {
         problem: 'its name is taken by the index of auth.sessions_before',
       });
 
-      const refused = await runCli(['install'], environment);
+      const refused = await runCli(['install'], environment());
       expect(refused.code, refused.stdout).to.equal(2);
       expect(refused.stderr).to.include(
         'install names the index on "auth"."sessions" "auth"."sessions_valid_until_idx", but that name is taken by the index of auth.sessions_before',
@@ -288,7 +280,7 @@ describe('install', () => {
       await database.query(
         `ALTER INDEX auth.sessions_revoked_at_idx RENAME TO sessions_before_revoked_at_idx`,
       );
-      const finished = installFinished(await runCli(['install'], environment));
+      const finished = installFinished(await runCli(['install'], environment()));
       expect(finished.applied).to.include.members(['004-expiry-index.sql', '005-marker-index.sql']);
       const indexes = await database.query(
         `SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i
