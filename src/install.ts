@@ -1192,9 +1192,10 @@ async function objectsMissing(client: pg.Client, step: InstallStep): Promise<boo
   }
   const indexes = plannedIndexes(step);
   if (indexes.length === 0) return false;
-  // Missing too when the name is another table's index: a table renamed and made again.
+  // Missing too when the name is another table's index (a table renamed and made again), and
+  // when the index is invalid (an interrupted uninstall): the step runs again and rebuilds it.
   const result = await client.query<{ missing: boolean }>(
-    `SELECT bool_or(i.indexrelid IS NULL) AS missing
+    `SELECT bool_or(i.indisvalid IS NOT TRUE) AS missing
      FROM unnest($1::text[], $2::text[]) planned (name, on_table)
      LEFT JOIN pg_catalog.pg_index i
        ON i.indexrelid = to_regclass(planned.name) AND i.indrelid = to_regclass(planned.on_table)`,
@@ -1234,8 +1235,8 @@ async function refuseTakenIndexNames(client: pg.Client, step: InstallStep) {
   throw new ConfigurationError(
     taken.rows.map(
       (row) =>
-        `${step.file}: install names the index on ${row.table} ${row.name}, but that name is taken by ${row.holder}` +
-        ' (a table renamed and made again leaves this). Rename or drop that one, then run token-reaper install again.',
+        `${step.file}: install names the index on ${row.table} ${row.name}, but that name is taken by ${row.holder}. ` +
+        'Rename or drop that one, then run token-reaper install again.',
     ),
   );
 }

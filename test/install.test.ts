@@ -291,6 +291,41 @@ describe('install', () => {
         { name: 'sessions_revoked_at_idx', valid: true },
         { name: 'sessions_valid_until_idx', valid: true },
       ]);
+
+      // A recorded step whose index is now invalid (an interrupted uninstall leaves one): install
+      // rebuilds it rather than calling the step unchanged.
+      await database.query(`DROP INDEX auth.sessions_valid_until_idx`);
+      await database.query(
+        `INSERT INTO auth.sessions (user_id, token_hash, valid_until)
+         SELECT '00000000-0000-0000-0000-000000000001', md5(i::text), now() + interval '1 day'
+         FROM generate_series(1, 2) i`,
+      );
+      await database
+        .query(
+          `CREATE UNIQUE INDEX CONCURRENTLY sessions_valid_until_idx ON auth.sessions (user_id)`,
+        )
+        .catch(() => undefined);
+      const invalid = JSON.parse((await runCli(['explain', '--json'], environment())).stdout) as {
+        targets: { indexes: { name: string; problem: string | null }[] }[];
+      };
+      expect(invalid.targets[0]!.indexes).to.deep.include({
+        name: 'sessions_valid_until_idx',
+        present: false,
+        problem: 'invalid, left by an interrupted build',
+      });
+      const rebuilt = installFinished(await runCli(['install'], environment()));
+      expect(rebuilt.applied).to.deep.equal(['004-expiry-index.sql']);
+      const definition = await database.query(
+        `SELECT i.indisvalid AS valid, pg_get_indexdef(i.indexrelid) AS definition
+         FROM pg_index i WHERE i.indexrelid = 'auth.sessions_valid_until_idx'::regclass`,
+      );
+      expect(definition).to.deep.equal([
+        {
+          valid: true,
+          definition:
+            'CREATE INDEX sessions_valid_until_idx ON auth.sessions USING btree (valid_until)',
+        },
+      ]);
     });
   });
 });
