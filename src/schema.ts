@@ -169,7 +169,8 @@ export async function inspectTargets(
   const shapes: TableShape[] = [];
   const problems: string[] = [];
   const notes: string[] = [];
-  const zones = new Map<string, boolean>();
+  /** Each declared zone's problem (zoneProblem), or null: asked of the server once per run. */
+  const zones = new Map<string, string | null>();
   const seen = new Map<string, string>();
   for (const rule of config.targets) {
     const result = await describeRule(connection, rule, config.naiveTimestampsTimezone, zones);
@@ -255,11 +256,48 @@ export function recordsRevocationTimes(shape: Pick<TableShape, 'marker'>): boole
 
 type Described = { shape: TableShape } | { problems: string[] } | { missing: string };
 
+const zoneRow = z.object({ known: z.boolean(), abbreviation: z.boolean() });
+
+/**
+ * Why the server cannot read a timestamp without time zone in `zone`, or null. PostgreSQL reads
+ * zone names case-insensitively ('utc' works). AT TIME ZONE looks a name up among the server's
+ * abbreviations before its zones, so CET, EET, MET and WET read as fixed standard offsets all
+ * year, while the zones of those names keep summer time: an auth service that writes them
+ * would be read an hour off every summer. Such a name is refused; a fixed one (EST) reads the
+ * same either way.
+ */
+async function zoneProblem(connection: CommonQueryMethods, zone: string): Promise<string | null> {
+  const row = await connection.one(sql.type(zoneRow)`
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names WHERE lower(name) = lower(${zone})) AS known,
+           EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_abbrevs WHERE lower(abbrev) = lower(${zone})) AS abbreviation
+  `);
+  if (!row.known) {
+    return 'is not known to this PostgreSQL server (pg_timezone_names). Use a zone it knows, such as UTC.';
+  }
+  if (row.abbreviation && keepsSummerTime(zone)) {
+    return `is read by PostgreSQL's AT TIME ZONE as the abbreviation ${zone.toUpperCase()}, one offset all year, while the zone of that name keeps summer time. Declare the zone by a city instead, such as Europe/Berlin for CET.`;
+  }
+  return null;
+}
+
+/** Whether `zone` has different offsets in January and July (Node's own zone data). */
+function keepsSummerTime(zone: string): boolean {
+  const offsetIn = (month: number) =>
+    new Intl.DateTimeFormat('en-US', { timeZone: zone, timeZoneName: 'longOffset' })
+      .formatToParts(Date.UTC(new Date().getUTCFullYear(), month, 1))
+      .find((part) => part.type === 'timeZoneName')?.value;
+  try {
+    return offsetIn(0) !== offsetIn(6);
+  } catch {
+    return false; // a name Node does not know; the server knew it, and config checks the rest
+  }
+}
+
 async function describeRule(
   connection: CommonQueryMethods,
   rule: TargetRule,
   naiveZone: string | null,
-  zones: Map<string, boolean>,
+  zones: Map<string, string | null>,
 ): Promise<Described> {
   const found = await findTable(connection, rule);
   if ('missing' in found) return found;
@@ -459,19 +497,10 @@ async function describeRule(
   }
 
   if (zone !== null && readsNaive) {
-    if (!zones.has(zone)) {
-      zones.set(
-        zone,
-        await connection.exists(
-          // PostgreSQL reads zone names case-insensitively ('utc' works in AT TIME ZONE).
-          sql.unsafe`SELECT 1 FROM pg_catalog.pg_timezone_names WHERE lower(name) = lower(${zone})`,
-        ),
-      );
-    }
-    if (!zones.get(zone)) {
-      problems.push(
-        `the time zone ${JSON.stringify(zone)} (${rule.knobs.timezone}) is not known to this PostgreSQL server (pg_timezone_names). Use a zone it knows, such as UTC.`,
-      );
+    if (!zones.has(zone)) zones.set(zone, await zoneProblem(connection, zone));
+    const problem = zones.get(zone);
+    if (problem) {
+      problems.push(`the time zone ${JSON.stringify(zone)} (${rule.knobs.timezone}) ${problem}`);
     }
   }
 

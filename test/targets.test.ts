@@ -68,6 +68,15 @@ describe('targets', () => {
     expect(unknown.stderr).to.include(
       'NAIVE_TIMESTAMPS_TIMEZONE="Mars/Olympus" is not a known IANA time zone',
     );
+    // CET is a zone with summer time, but AT TIME ZONE 'CET' is the abbreviation, UTC+1 all year.
+    const abbreviation = await runCli(['sweep'], {
+      DATABASE_URL: environment.DATABASE_URL,
+      NAIVE_TIMESTAMPS_TIMEZONE: 'cet',
+    });
+    expect(abbreviation.code).to.equal(2);
+    expect(abbreviation.stderr).to.include(
+      `the time zone "cet" (NAIVE_TIMESTAMPS_TIMEZONE) is read by PostgreSQL's AT TIME ZONE as the abbreviation CET`,
+    );
   });
 
   it('finds a TypeORM schema (snake_case table, camelCase columns, timestamp) the same way', async () => {
