@@ -172,6 +172,26 @@ describe('install', () => {
 
   describe('with custom names and timestamp columns', () => {
     const database = useTestDatabase('install_custom');
+    /**
+     * Leaves an INVALID index of the name install gives the expiry index, as a killed CREATE
+     * INDEX CONCURRENTLY does: a unique build over two tokens of the same user fails.
+     */
+    const leaveInvalidExpiryIndex = async () => {
+      await database.query(
+        `INSERT INTO auth.sessions (user_id, token_hash, valid_until)
+         SELECT '00000000-0000-0000-0000-000000000001', md5(i::text), now() + interval '1 day'
+         FROM generate_series(1, 2) i`,
+      );
+      await database
+        .query(
+          `CREATE UNIQUE INDEX CONCURRENTLY sessions_valid_until_idx ON auth.sessions (user_id)`,
+        )
+        .catch(() => undefined);
+      const [index] = await database.query(
+        `SELECT indisvalid FROM pg_index WHERE indexrelid = 'auth.sessions_valid_until_idx'::regclass`,
+      );
+      expect(index!.indisvalid).to.equal(false);
+    };
     const environment = () => ({
       DATABASE_URL: database.url,
       REFRESH_TOKENS_TABLE: 'auth.sessions',
@@ -188,22 +208,7 @@ describe('install', () => {
            user_id uuid NOT NULL, token_hash text NOT NULL, revoked_at timestamptz,
            valid_until timestamptz NOT NULL)`,
       );
-      await database.query(
-        `INSERT INTO auth.sessions (user_id, token_hash, valid_until)
-         SELECT '00000000-0000-0000-0000-000000000001', md5(i::text), now() + interval '1 day'
-         FROM generate_series(1, 2) i`,
-      );
-      // A unique build over duplicate values fails and leaves an INVALID index of the name
-      // install is about to use: what a killed CREATE INDEX CONCURRENTLY leaves behind.
-      await database
-        .query(
-          `CREATE UNIQUE INDEX CONCURRENTLY sessions_valid_until_idx ON auth.sessions (user_id)`,
-        )
-        .catch(() => undefined);
-      const before = await database.query(
-        `SELECT indisvalid FROM pg_index WHERE indexrelid = 'auth.sessions_valid_until_idx'::regclass`,
-      );
-      expect(before[0]!.indisvalid).to.equal(false);
+      await leaveInvalidExpiryIndex();
 
       const result = await runCli(['install'], environment());
       const finished = installFinished(result);
@@ -295,16 +300,7 @@ describe('install', () => {
       // A recorded step whose index is now invalid (an interrupted uninstall leaves one): install
       // rebuilds it rather than calling the step unchanged.
       await database.query(`DROP INDEX auth.sessions_valid_until_idx`);
-      await database.query(
-        `INSERT INTO auth.sessions (user_id, token_hash, valid_until)
-         SELECT '00000000-0000-0000-0000-000000000001', md5(i::text), now() + interval '1 day'
-         FROM generate_series(1, 2) i`,
-      );
-      await database
-        .query(
-          `CREATE UNIQUE INDEX CONCURRENTLY sessions_valid_until_idx ON auth.sessions (user_id)`,
-        )
-        .catch(() => undefined);
+      await leaveInvalidExpiryIndex();
       const invalid = JSON.parse((await runCli(['explain', '--json'], environment())).stdout) as {
         targets: { indexes: { name: string; problem: string | null }[] }[];
       };
