@@ -60,6 +60,13 @@ export interface Explanation {
   problems: string[];
 }
 
+const indexRow = z.object({
+  name: z.string(),
+  valid: z.boolean().nullable(),
+  /** What holds the name when it is not an index of this table. */
+  holder: z.string().nullable(),
+});
+
 const countsRow = z.object({
   rows: z.number(),
   marked: z.number(),
@@ -160,21 +167,24 @@ async function explainShape(
   // A name is not enough: after a table is renamed and made again, its old index keeps the name.
   const found = new Map(
     (
-      await connection.any(sql.type(z.object({ name: z.string(), problem: z.string().nullable() }))`
-        SELECT c.relname AS name,
+      await connection.any(sql.type(indexRow)`
+        SELECT c.relname AS name, i.indisvalid AS valid,
                CASE WHEN i.indrelid IS DISTINCT FROM ${regclassOf(table)}
-                      THEN 'its name is taken by ' || coalesce('the index of ' || i.indrelid::regclass::text, 'a relation that is no index')
-                    WHEN NOT i.indisvalid
-                      THEN 'invalid, left by an interrupted build'
-               END AS problem
+                 THEN coalesce('the index of ' || i.indrelid::regclass::text, 'a relation that is no index')
+               END AS holder
         FROM pg_catalog.pg_class c
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid
         WHERE n.nspname = ${table.schema} AND c.relname = ANY(${sql.array(indexNames, 'text')})
       `)
-    ).map((row) => [row.name, row.problem]),
+    ).map((row) => [row.name, row]),
   );
-  const indexProblem = (name: string) => (found.has(name) ? found.get(name)! : 'missing');
+  const indexProblem = (name: string) => {
+    const index = found.get(name);
+    if (index === undefined) return 'missing';
+    if (index.holder !== null) return `its name is taken by ${index.holder}`;
+    return index.valid ? null : 'invalid, left by an interrupted build';
+  };
   const marker = shape.marker;
   const expiry = shape.expiry;
   return {
@@ -238,7 +248,7 @@ async function explainShape(
         const problem = indexProblem(name);
         if (problem === null) return [];
         return [
-          problem.startsWith('its name is taken')
+          found.get(name)?.holder
             ? `the index ${name}: ${problem}. Rename or drop that one, then run token-reaper install`
             : `the index ${name} is ${problem}: run token-reaper install`,
         ];

@@ -1177,7 +1177,8 @@ function quotedName({ schema, name }: { schema: string; name: string }) {
 
 /**
  * True when something a recorded step made is gone (a trigger or an index dropped by hand, or
- * by an ORM's schema sync): the checksum alone would call the step done.
+ * by an ORM's schema sync), or an index is no longer in place (left invalid by an interrupted
+ * uninstall, or its name now another table's): the checksum alone would call the step done.
  */
 async function objectsMissing(client: pg.Client, step: InstallStep): Promise<boolean> {
   if (step.triggerTables.length > 0) {
@@ -1190,18 +1191,7 @@ async function objectsMissing(client: pg.Client, step: InstallStep): Promise<boo
     );
     if (result.rows[0]?.missing === true) return true;
   }
-  const indexes = plannedIndexes(step);
-  if (indexes.length === 0) return false;
-  // Missing too when the name is another table's index (a table renamed and made again), and
-  // when the index is invalid (an interrupted uninstall): the step runs again and rebuilds it.
-  const result = await client.query<{ missing: boolean }>(
-    `SELECT bool_or(i.indisvalid IS NOT TRUE) AS missing
-     FROM unnest($1::text[], $2::text[]) planned (name, on_table)
-     LEFT JOIN pg_catalog.pg_index i
-       ON i.indexrelid = to_regclass(planned.name) AND i.indrelid = to_regclass(planned.on_table)`,
-    [indexes.map(quotedName), indexes.map((index) => quotedName(index.table))],
-  );
-  return result.rows[0]?.missing === true;
+  return (await plannedIndexStates(client, step)).some(({ state }) => state !== 'in place');
 }
 
 function plannedIndexes(step: InstallStep): PlannedIndex[] {
@@ -1210,32 +1200,54 @@ function plannedIndexes(step: InstallStep): PlannedIndex[] {
   );
 }
 
-/**
- * Stops install when the name of an index it makes is taken by another table's index, or by
- * a relation that is no index: what a table renamed and made again (by a migration, an ORM's
- * schema sync) leaves behind. IF NOT EXISTS would skip the build, and the new table would go
- * without the index while install called it in place. Which of the two to rename is the
- * user's call.
- */
-async function refuseTakenIndexNames(client: pg.Client, step: InstallStep) {
+interface PlannedIndexState {
+  name: string;
+  table: string;
+  /**
+   * taken: the name is held by another table's index or by a relation that is no index (a
+   * table renamed and made again keeps its indexes' names); IF NOT EXISTS would skip the build.
+   */
+  state: 'in place' | 'missing' | 'invalid' | 'taken';
+  /** What holds a taken name. */
+  holder: string | null;
+}
+
+/** Where each index the step makes stands: the one reading of them for install. */
+async function plannedIndexStates(
+  client: pg.Client,
+  step: InstallStep,
+): Promise<PlannedIndexState[]> {
   const indexes = plannedIndexes(step);
-  if (indexes.length === 0) return;
-  const taken = await client.query<{ name: string; table: string; holder: string }>(
+  if (indexes.length === 0) return [];
+  const result = await client.query<PlannedIndexState>(
     `SELECT planned.name, planned.on_table AS table,
-            coalesce('the index of ' || i.indrelid::regclass::text, 'a ' || CASE c.relkind
-              WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'S' THEN 'sequence'
-              ELSE 'relation' END) AS holder
+            CASE WHEN c.oid IS NULL THEN 'missing'
+                 WHEN i.indrelid IS DISTINCT FROM to_regclass(planned.on_table) THEN 'taken'
+                 WHEN NOT i.indisvalid THEN 'invalid'
+                 ELSE 'in place' END AS state,
+            CASE WHEN i.indrelid IS DISTINCT FROM to_regclass(planned.on_table)
+                 THEN coalesce('the index of ' || i.indrelid::regclass::text, 'a ' || CASE c.relkind
+                   WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'S' THEN 'sequence'
+                   ELSE 'relation' END) END AS holder
      FROM unnest($1::text[], $2::text[]) planned (name, on_table)
-     JOIN pg_catalog.pg_class c ON c.oid = to_regclass(planned.name)
-     LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid
-     WHERE i.indrelid IS DISTINCT FROM to_regclass(planned.on_table)`,
+     LEFT JOIN pg_catalog.pg_class c ON c.oid = to_regclass(planned.name)
+     LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid`,
     [indexes.map(quotedName), indexes.map((index) => quotedName(index.table))],
   );
-  if (taken.rowCount === 0) return;
+  return result.rows;
+}
+
+/**
+ * Stops install when the name of an index it makes is taken: the new table would go without
+ * the index while install called it in place. Which of the two to rename is the user's call.
+ */
+async function refuseTakenIndexNames(client: pg.Client, step: InstallStep) {
+  const taken = (await plannedIndexStates(client, step)).filter(({ state }) => state === 'taken');
+  if (taken.length === 0) return;
   throw new ConfigurationError(
-    taken.rows.map(
-      (row) =>
-        `${step.file}: install names the index on ${row.table} ${row.name}, but that name is taken by ${row.holder}. ` +
+    taken.map(
+      (index) =>
+        `${step.file}: install names the index on ${index.table} ${index.name}, but that name is taken by ${index.holder}. ` +
         'Rename or drop that one, then run token-reaper install again.',
     ),
   );
