@@ -19,6 +19,7 @@ import {
   buildInstallPlan,
   formatInstallPlan,
   readAttachedIndexes,
+  readRevokeTriggers,
   requireWalPrerequisites,
 } from './install.js';
 import { applyRolePlan, checkRoleName, formatRolePlan, planRole } from './role.js';
@@ -251,14 +252,17 @@ const COMMANDS: Record<
       describeTargets(pool, config),
       readAttachedIndexes(pool),
     ]).finally(() => pool.end());
-    const plan = await buildInstallPlan(config, shapes, attachedIndexes);
-    if (flags.print && role === null) {
-      process.stdout.write(formatInstallPlanFor(plan, format));
-      return 0;
-    }
     const client = createPlainClient(config, logger);
     await client.connect();
     try {
+      const plan = await buildInstallPlan(config, shapes, {
+        attachedIndexes,
+        revokeTriggerTables: await readRevokeTriggers(client),
+      });
+      if (flags.print && role === null) {
+        process.stdout.write(formatInstallPlanFor(plan, format));
+        return 0;
+      }
       // Planned before anything is applied, so that a role it refuses changes nothing.
       const rolePlan =
         role === null

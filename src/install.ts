@@ -264,6 +264,37 @@ export async function readAttachedIndexes(
   return attached;
 }
 
+/**
+ * The revoke triggers the catalog has: the parent's own, not its partitions' clones (they go
+ * with it), on whatever table, configured or not; a table left out of a targets file keeps
+ * its trigger until install drops it. The one reading of them, for the plan and for apply.
+ */
+export async function readRevokeTriggers(
+  client: pg.ClientBase,
+): Promise<(Relation & { trigger: string })[]> {
+  const result = await client.query<Relation & { trigger: string }>(
+    `SELECT n.nspname AS schema, c.relname AS name, t.tgname AS trigger
+     FROM pg_catalog.pg_trigger t
+     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     -- token_reaper.notify_revoked() by the catalog alone: to_regprocedure would need USAGE
+     -- on the schema, which a role that install is about to refuse may not have.
+     JOIN pg_catalog.pg_proc f ON f.oid = t.tgfoid
+     JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace
+     WHERE fn.nspname = 'token_reaper' AND f.proname = 'notify_revoked' AND f.pronargs = 0
+       AND t.tgparentid = 0 AND NOT t.tgisinternal
+     ORDER BY 1, 2`,
+  );
+  return result.rows;
+}
+
+/** What the plan needs to know of the database as it is, besides the targets' shapes. */
+export interface InstallCatalog {
+  readonly attachedIndexes?: AttachedIndexes;
+  /** The tables that have the revoke trigger now (readRevokeTriggers). */
+  readonly revokeTriggerTables?: readonly Relation[];
+}
+
 /** What install does, in order: the files of sql/, then the purge source's objects. */
 export interface InstallPlan {
   steps: InstallStep[];
@@ -273,7 +304,7 @@ export interface InstallPlan {
 export async function buildInstallPlan(
   config: Pick<Config, 'notifyChannel' | 'purge'>,
   shapes: readonly TableShape[],
-  attachedIndexes: AttachedIndexes = new Map(),
+  { attachedIndexes = new Map(), revokeTriggerTables = [] }: InstallCatalog = {},
   directory = SQL_DIRECTORY,
 ): Promise<InstallPlan> {
   const allFiles = await readSqlFiles(directory);
@@ -288,7 +319,7 @@ export async function buildInstallPlan(
     .map((file) => file.version);
   return {
     steps: files.map((file) => installStep(file, config, shapes, attachedIndexes)),
-    source: sourceSteps(config.purge, shapes, otherSourcesVersions),
+    source: sourceSteps(config.purge, shapes, otherSourcesVersions, revokeTriggerTables),
   };
 }
 
@@ -561,9 +592,19 @@ export type SourceStep =
   | { readonly kind: 'slot'; readonly name: string }
   | {
       readonly kind: 'dropRevokeTriggers';
-      /** The targets the trigger would be on, for --print; apply drops what the catalog has. */
+      /**
+       * The tables whose trigger goes, as the plan saw them, for --print; apply drops every one
+       * the catalog has then, but on the tables kept.
+       */
       readonly tables: readonly Relation[];
-      /** The version rows of the files that made the trigger and its function. */
+      /**
+       * notify's prompt targets, whose trigger stays, and the function with it: the step then
+       * drops only the triggers of tables no longer purged promptly (left out of a targets
+       * file), which would go on notifying, and holding the auth service's commits in line,
+       * for no one. Empty when revocations reach the daemon another way, and at uninstall.
+       */
+      readonly keep: readonly Relation[];
+      /** The version rows of the files that made the trigger and its function (keep: none). */
       readonly versions: readonly number[];
     }
   | { readonly kind: 'dropSlot'; readonly name: string }
@@ -574,17 +615,27 @@ function sourceSteps(
   purge: Pick<PurgeConfig, 'source' | 'walSlot'>,
   shapes: readonly TableShape[],
   otherSourcesVersions: readonly number[],
+  revokeTriggerTables: readonly Relation[],
 ): SourceStep[] {
   const prompt = shapes
     .filter((shape) => shape.notify && shape.marker !== null)
     .map((shape) => shape.relation);
+  const promptNames = new Set(prompt.map(qualifiedName));
+  const unused = revokeTriggerTables.filter((table) => !promptNames.has(qualifiedName(table)));
   // With no target to purge promptly there is nothing to stream: a slot would only keep WAL.
   const streams = purge.source === 'wal' && prompt.length > 0;
   const name = purge.walSlot;
   const steps: SourceStep[] = [];
   if (streams) steps.push({ kind: 'publication', name, tables: prompt }, { kind: 'slot', name });
   if (purge.source !== 'notify') {
-    steps.push({ kind: 'dropRevokeTriggers', tables: prompt, versions: otherSourcesVersions });
+    steps.push({
+      kind: 'dropRevokeTriggers',
+      tables: [...prompt, ...unused],
+      keep: [],
+      versions: otherSourcesVersions,
+    });
+  } else if (unused.length > 0) {
+    steps.push({ kind: 'dropRevokeTriggers', tables: unused, keep: prompt, versions: [] });
   }
   // The slot first: a walsender streaming from it fails once its publication is gone.
   if (!streams) steps.push({ kind: 'dropSlot', name }, { kind: 'dropPublication', name });
@@ -598,7 +649,9 @@ export function sourceStepLabel(step: SourceStep): string {
     case 'slot':
       return `replication slot ${step.name}`;
     case 'dropRevokeTriggers':
-      return 'drop revoke trigger';
+      return step.keep.length === 0
+        ? 'drop revoke trigger'
+        : `drop revoke trigger on ${step.tables.map(qualifiedName).join(', ')}`;
     case 'dropSlot':
       return `drop replication slot ${step.name}`;
     case 'dropPublication':
@@ -618,9 +671,11 @@ export function formatSourceStep(step: SourceStep): string {
       return `${title} (outside a transaction: a slot cannot be made in one that wrote; one the server gave up, wal_status = 'lost', is made again)\n${dropLostSlotSql(step.name)}\n${createSlotSql(step.name)}`;
     case 'dropRevokeTriggers':
       return [
-        `${title}: revocations reach the daemon another way`,
+        step.keep.length === 0
+          ? `${title}: revocations reach the daemon another way`
+          : `${title}: no longer purged promptly`,
         ...step.tables.map((table) => transaction([dropTriggerSql(table, REVOKE_TRIGGER_NAME)])),
-        transaction(dropRevokeFunctionSql(step.versions)),
+        ...(step.keep.length === 0 ? [transaction(dropRevokeFunctionSql(step.versions))] : []),
       ].join('\n');
     case 'dropSlot':
       return `${title} (a walsender streaming from it is ended first: SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(step.name)};)\n${dropSlotSql(step.name)}`;
@@ -653,7 +708,15 @@ export function sourceStepUnits(step: SourceStep): ScriptUnit[] {
           comment,
           statements: [dropTriggerSql(table, REVOKE_TRIGGER_NAME)],
         })),
-        { transaction: true, comment, statements: dropRevokeFunctionSql(step.versions) },
+        ...(step.keep.length === 0
+          ? [
+              {
+                transaction: true as const,
+                comment,
+                statements: dropRevokeFunctionSql(step.versions),
+              },
+            ]
+          : []),
       ];
     case 'dropSlot':
       return [{ transaction: false, comment, statement: dropSlotSql(step.name) }];
@@ -809,8 +872,9 @@ async function dropOwnSlot(client: pg.Client, name: string, { log, budgetMs }: P
 
 /**
  * Drops every revoke trigger token-reaper's function serves, as the catalog has them (also on
- * a table no longer configured), then the function and the version rows of the files that made
- * them, so that a switch back to notify applies those files again.
+ * a table no longer configured), but on the tables kept. With none kept, it then drops the
+ * function and the version rows of the files that made them, so that a switch back to notify
+ * applies those files again.
  */
 async function dropRevokeTriggers(
   client: pg.Client,
@@ -818,28 +882,24 @@ async function dropRevokeTriggers(
   patience: Patience,
 ): Promise<boolean> {
   const label = sourceStepLabel(step);
-  // A partition's clone goes with its parent's trigger (tgparentid names the parent's).
-  const triggers = await client.query<{ table: string; name: string }>(
-    `SELECT format('%I.%I', n.nspname, c.relname) AS table, t.tgname AS name
-     FROM pg_catalog.pg_trigger t
-     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE t.tgfoid = to_regprocedure($1) AND t.tgparentid = 0 AND NOT t.tgisinternal`,
-    [REVOKE_FUNCTION],
+  const kept = new Set(step.keep.map(qualifiedName));
+  const dropped = (await readRevokeTriggers(client)).filter(
+    (table) => !kept.has(qualifiedName(table)),
   );
-  for (const trigger of triggers.rows) {
+  for (const table of dropped) {
     // DROP TRIGGER takes ACCESS EXCLUSIVE on the table: short attempts, like every DDL here.
     await inShortLockTransactions(client, label, patience, () =>
-      client.query(`DROP TRIGGER IF EXISTS ${escapeIdentifier(trigger.name)} ON ${trigger.table};`),
+      client.query(dropTriggerSql(table, table.trigger)),
     );
   }
+  if (step.keep.length > 0) return dropped.length > 0;
   const leftovers = await client.query<{ present: boolean }>(
     'SELECT to_regprocedure($1) IS NOT NULL AS present',
     [REVOKE_FUNCTION],
   );
   const recorded = await recordedVersions(client);
   const recordsLeft = step.versions.some((version) => recorded.has(version));
-  if (!leftovers.rows[0]!.present && !recordsLeft) return triggers.rowCount !== 0;
+  if (!leftovers.rows[0]!.present && !recordsLeft) return dropped.length > 0;
   await inShortLockTransactions(client, label, patience, () =>
     client.query(dropRevokeFunctionSql(recordsLeft ? step.versions : []).join('\n')),
   );

@@ -72,7 +72,7 @@ export function buildUninstallPlan(
   return {
     steps: [
       // No version rows to forget: the schema that holds them goes last.
-      { kind: 'dropRevokeTriggers', tables: prompt, versions: [] },
+      { kind: 'dropRevokeTriggers', tables: prompt, keep: [], versions: [] },
       { kind: 'dropSlot', name: slot },
       { kind: 'dropPublication', name: slot },
       ...shapes.flatMap(indexSteps),

@@ -324,4 +324,46 @@ describe('install', () => {
       ]);
     });
   });
+
+  describe('when the refresh-token table is no longer the same', () => {
+    const database = useTestDatabase('install_moved');
+    const triggers = async () =>
+      (
+        await database.query(
+          `SELECT tgrelid::regclass::text AS table FROM pg_trigger
+           WHERE tgname = 'token_reaper_notify_revoked' AND tgparentid = 0 ORDER BY 1`,
+        )
+      ).map((row) => row.table as string);
+
+    it('drops the revoke trigger of a table it no longer purges, and keeps the others', async () => {
+      await createReferenceSchema(database.current);
+      await createReferenceSchema(database.current, {
+        refreshTokensTable: 'rotated_tokens',
+        passwordResetsTable: null,
+      });
+      installFinished(await runCli(['install'], { DATABASE_URL: database.url }));
+      expect(await triggers()).to.deep.equal(['refresh_tokens']);
+
+      // The configuration moves on: a trigger left on the old table would go on notifying,
+      // and holding the auth service's revoking commits in line, for no one.
+      const moved = { DATABASE_URL: database.url, REFRESH_TOKENS_TABLE: 'rotated_tokens' };
+      const printed = await runCli(['install', '--print'], moved);
+      expect(printed.code, printed.stderr).to.equal(0);
+      expect(printed.stdout).to.include(
+        '-- drop revoke trigger on public.refresh_tokens: no longer purged promptly\nBEGIN;\n' +
+          'DROP TRIGGER IF EXISTS "token_reaper_notify_revoked" ON "public"."refresh_tokens";',
+      );
+      expect(printed.stdout).not.to.include('DROP FUNCTION');
+      expect(await triggers()).to.deep.equal(['refresh_tokens']);
+
+      const finished = installFinished(await runCli(['install'], moved));
+      expect(finished.applied).to.include('drop revoke trigger on public.refresh_tokens');
+      expect(await triggers()).to.deep.equal(['rotated_tokens']);
+      const [revokeFunction] = await database.query(
+        `SELECT to_regprocedure('token_reaper.notify_revoked()') IS NOT NULL AS present`,
+      );
+      expect(revokeFunction!.present).to.equal(true);
+      expect(installFinished(await runCli(['install'], moved)).applied).to.deep.equal([]);
+    });
+  });
 });
