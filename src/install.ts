@@ -1366,8 +1366,19 @@ export function indexName(table: string, column: string) {
   return truncateName(`${table}_${column}_idx`);
 }
 
-export function truncateName(name: string) {
-  return Buffer.from(name).subarray(0, 63).toString();
+/**
+ * The name as PostgreSQL keeps it: at most `limit` bytes (63, NAMEDATALEN - 1), cut before a
+ * character that would not fit whole, as the server's own clipping does. A cut inside one would
+ * leave a broken character, which decoding turns into U+FFFD, three bytes of its own.
+ */
+export function truncateName(name: string, limit = 63) {
+  const bytes = Buffer.from(name);
+  if (bytes.length <= limit) return name;
+  let end = limit;
+  // bytes[end] is the first byte left out: while it continues a character, that character
+  // began before the cut, and goes too.
+  while (end > 0 && (bytes[end]! & 0xc0) === 0x80) end -= 1;
+  return bytes.subarray(0, end).toString();
 }
 
 function sqlOf(step: InstallStep) {

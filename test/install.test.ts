@@ -6,6 +6,7 @@ import { runCli, waitFor } from './support/cli.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
 import { createReferenceSchema } from './support/fixtures.js';
 import { ALL_SQL_FILES } from './support/sql-files.js';
+import { truncateName } from '../src/install.js';
 
 const ALL_FILES: readonly string[] = ALL_SQL_FILES;
 
@@ -322,6 +323,27 @@ describe('install', () => {
             'CREATE INDEX sessions_valid_until_idx ON auth.sessions USING btree (valid_until)',
         },
       ]);
+    });
+  });
+
+  describe('names', () => {
+    const database = useTestDatabase('install_names');
+
+    it('cuts a long name where PostgreSQL does, never inside a character', async () => {
+      // Random names of one- to four-byte characters, around the 63-byte limit.
+      const characters = ['a', '_', 'é', 'ß', 'ü', '€', '語', 'ノ', '😀', '𝄞'];
+      const names = Array.from({ length: 300 }, () =>
+        Array.from(
+          { length: 20 + Math.floor(Math.random() * 50) },
+          () => characters[Math.floor(Math.random() * characters.length)]!,
+        ).join(''),
+      );
+      const rows = await database.query<{ kept: string }>(
+        'SELECT name::text AS kept FROM unnest($1::name[]) WITH ORDINALITY AS given (name, n) ORDER BY n',
+        [names],
+      );
+      expect(names.map((name) => truncateName(name))).to.deep.equal(rows.map((row) => row.kept));
+      expect(names.some((name) => Buffer.byteLength(name) > 63)).to.equal(true);
     });
   });
 

@@ -335,10 +335,7 @@ export async function readTableFacts(pool: DatabasePool, shape: TableShape): Pro
 /** The names the conversion gives; each fits PostgreSQL's 63 bytes. */
 export function conversionNames(shape: TableShape) {
   const table = shape.relation.name;
-  const withSuffix = (suffix: string) =>
-    Buffer.from(table)
-      .subarray(0, 63 - suffix.length)
-      .toString() + suffix;
+  const withSuffix = (suffix: string) => truncateName(table, 63 - suffix.length) + suffix;
   const legacy = withSuffix('_legacy');
   return {
     legacy,
