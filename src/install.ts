@@ -281,9 +281,10 @@ export async function readRevokeTriggers(
      -- on the schema, which a role that install is about to refuse may not have.
      JOIN pg_catalog.pg_proc f ON f.oid = t.tgfoid
      JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace
-     WHERE fn.nspname = 'token_reaper' AND f.proname = 'notify_revoked' AND f.pronargs = 0
+     WHERE fn.nspname = $1 AND f.proname = $2 AND f.pronargs = 0
        AND t.tgparentid = 0 AND NOT t.tgisinternal
      ORDER BY 1, 2`,
+    [REVOKE_FUNCTION_NAME.schema, REVOKE_FUNCTION_NAME.name],
   );
   return result.rows;
 }
@@ -659,7 +660,8 @@ export function sourceStepLabel(step: SourceStep): string {
   }
 }
 
-const REVOKE_FUNCTION = 'token_reaper.notify_revoked()';
+const REVOKE_FUNCTION_NAME = { schema: 'token_reaper', name: 'notify_revoked' } as const;
+const REVOKE_FUNCTION = `${REVOKE_FUNCTION_NAME.schema}.${REVOKE_FUNCTION_NAME.name}()`;
 
 /** The step as --print shows it: the same statements apply runs when the catalog needs them. */
 export function formatSourceStep(step: SourceStep): string {
