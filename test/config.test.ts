@@ -185,7 +185,7 @@ describe('config', () => {
     expect(loadConfig(minimal).sweep).to.include({
       batchPages: 100,
       batchTargetMs: 20,
-      pauseRatio: 5,
+      pauseRatio: 20,
       maxReplicaLagMs: null,
       maxDurationMs: null,
     });
