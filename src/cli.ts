@@ -257,7 +257,7 @@ const COMMANDS: Record<
     try {
       const plan = await buildInstallPlan(config, shapes, {
         attachedIndexes,
-        revokeTriggerTables: await readRevokeTriggers(client),
+        revokeTriggers: await readRevokeTriggers(client),
       });
       if (flags.print && role === null) {
         process.stdout.write(formatInstallPlanFor(plan, format));

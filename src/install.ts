@@ -269,10 +269,8 @@ export async function readAttachedIndexes(
  * with it), on whatever table, configured or not; a table left out of a targets file keeps
  * its trigger until install drops it. The one reading of them, for the plan and for apply.
  */
-export async function readRevokeTriggers(
-  client: pg.ClientBase,
-): Promise<(Relation & { trigger: string })[]> {
-  const result = await client.query<Relation & { trigger: string }>(
+export async function readRevokeTriggers(client: pg.ClientBase): Promise<RevokeTrigger[]> {
+  const result = await client.query<RevokeTrigger>(
     `SELECT n.nspname AS schema, c.relname AS name, t.tgname AS trigger
      FROM pg_catalog.pg_trigger t
      JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
@@ -289,11 +287,17 @@ export async function readRevokeTriggers(
   return result.rows;
 }
 
+/** A trigger that calls token_reaper.notify_revoked(), and its table. */
+export interface RevokeTrigger extends Relation {
+  /** Install names it REVOKE_TRIGGER_NAME; the catalog may hold it under another name. */
+  readonly trigger: string;
+}
+
 /** What the plan needs to know of the database as it is, besides the targets' shapes. */
 export interface InstallCatalog {
   readonly attachedIndexes?: AttachedIndexes;
-  /** The tables that have the revoke trigger now (readRevokeTriggers). */
-  readonly revokeTriggerTables?: readonly Relation[];
+  /** The revoke triggers there are now (readRevokeTriggers). */
+  readonly revokeTriggers?: readonly RevokeTrigger[];
 }
 
 /** What install does, in order: the files of sql/, then the purge source's objects. */
@@ -305,7 +309,7 @@ export interface InstallPlan {
 export async function buildInstallPlan(
   config: Pick<Config, 'notifyChannel' | 'purge'>,
   shapes: readonly TableShape[],
-  { attachedIndexes = new Map(), revokeTriggerTables = [] }: InstallCatalog = {},
+  { attachedIndexes = new Map(), revokeTriggers = [] }: InstallCatalog = {},
   directory = SQL_DIRECTORY,
 ): Promise<InstallPlan> {
   const allFiles = await readSqlFiles(directory);
@@ -320,7 +324,7 @@ export async function buildInstallPlan(
     .map((file) => file.version);
   return {
     steps: files.map((file) => installStep(file, config, shapes, attachedIndexes)),
-    source: sourceSteps(config.purge, shapes, otherSourcesVersions, revokeTriggerTables),
+    source: sourceSteps(config.purge, shapes, otherSourcesVersions, revokeTriggers),
   };
 }
 
@@ -594,18 +598,19 @@ export type SourceStep =
   | {
       readonly kind: 'dropRevokeTriggers';
       /**
-       * The tables whose trigger goes, as the plan saw them, for --print; apply drops every one
-       * the catalog has then, but on the tables kept.
+       * The triggers that go, as the plan saw them, for --print; apply drops every one the
+       * catalog has then, but those kept.
        */
-      readonly tables: readonly Relation[];
+      readonly triggers: readonly RevokeTrigger[];
       /**
-       * notify's prompt targets, whose trigger stays, and the function with it: the step then
-       * drops only the triggers of tables no longer purged promptly (left out of a targets
-       * file), which would go on notifying, and holding the auth service's commits in line,
-       * for no one. Empty when revocations reach the daemon another way, and at uninstall.
+       * Under notify, its prompt targets: their trigger of install's name stays, and so does
+       * the function. The step then drops only the triggers of tables no longer purged
+       * promptly (left out of a targets file), which would go on notifying, and holding the
+       * auth service's commits in line, for no one; none may be kept. null when revocations
+       * reach the daemon another way, and at uninstall: every trigger goes, then the function.
        */
-      readonly keep: readonly Relation[];
-      /** The version rows of the files that made the trigger and its function (keep: none). */
+      readonly keep: readonly Relation[] | null;
+      /** The version rows of the files that made the trigger and its function (keep: null). */
       readonly versions: readonly number[];
     }
   | { readonly kind: 'dropSlot'; readonly name: string }
@@ -616,31 +621,55 @@ function sourceSteps(
   purge: Pick<PurgeConfig, 'source' | 'walSlot'>,
   shapes: readonly TableShape[],
   otherSourcesVersions: readonly number[],
-  revokeTriggerTables: readonly Relation[],
+  revokeTriggers: readonly RevokeTrigger[],
 ): SourceStep[] {
   const prompt = shapes
     .filter((shape) => shape.notify && shape.marker !== null)
     .map((shape) => shape.relation);
-  const promptNames = new Set(prompt.map(qualifiedName));
-  const unused = revokeTriggerTables.filter((table) => !promptNames.has(qualifiedName(table)));
   // With no target to purge promptly there is nothing to stream: a slot would only keep WAL.
   const streams = purge.source === 'wal' && prompt.length > 0;
   const name = purge.walSlot;
   const steps: SourceStep[] = [];
   if (streams) steps.push({ kind: 'publication', name, tables: prompt }, { kind: 'slot', name });
   if (purge.source !== 'notify') {
-    steps.push({
-      kind: 'dropRevokeTriggers',
-      tables: [...prompt, ...unused],
-      keep: [],
-      versions: otherSourcesVersions,
-    });
-  } else if (unused.length > 0) {
-    steps.push({ kind: 'dropRevokeTriggers', tables: unused, keep: prompt, versions: [] });
+    steps.push(dropAllRevokeTriggers(prompt, revokeTriggers, otherSourcesVersions));
+  } else {
+    const unused = revokeTriggersBut(revokeTriggers, prompt);
+    if (unused.length > 0) {
+      steps.push({ kind: 'dropRevokeTriggers', triggers: unused, keep: prompt, versions: [] });
+    }
   }
   // The slot first: a walsender streaming from it fails once its publication is gone.
   if (!streams) steps.push({ kind: 'dropSlot', name }, { kind: 'dropPublication', name });
   return steps;
+}
+
+/**
+ * Every revoke trigger goes, then the function: those of the targets, as install names them
+ * (for --print, whatever the catalog has at the time), and any other the catalog has.
+ */
+export function dropAllRevokeTriggers(
+  targets: readonly Relation[],
+  revokeTriggers: readonly RevokeTrigger[],
+  versions: readonly number[],
+): SourceStep {
+  const named = targets.map((table) => ({ ...table, trigger: REVOKE_TRIGGER_NAME }));
+  return {
+    kind: 'dropRevokeTriggers',
+    triggers: [...named, ...revokeTriggersBut(revokeTriggers, targets)],
+    keep: null,
+    versions,
+  };
+}
+
+/** The revoke triggers but the one of install's name on each of the tables kept. */
+function revokeTriggersBut(revokeTriggers: readonly RevokeTrigger[], kept: readonly Relation[]) {
+  // Compared as [schema, name] pairs: a dot may be part of either.
+  const key = ({ schema, name }: Relation) => JSON.stringify([schema, name]);
+  const keptKeys = new Set(kept.map(key));
+  return revokeTriggers.filter(
+    (trigger) => !(keptKeys.has(key(trigger)) && trigger.trigger === REVOKE_TRIGGER_NAME),
+  );
 }
 
 export function sourceStepLabel(step: SourceStep): string {
@@ -650,9 +679,9 @@ export function sourceStepLabel(step: SourceStep): string {
     case 'slot':
       return `replication slot ${step.name}`;
     case 'dropRevokeTriggers':
-      return step.keep.length === 0
+      return step.keep === null
         ? 'drop revoke trigger'
-        : `drop revoke trigger on ${step.tables.map(qualifiedName).join(', ')}`;
+        : `drop revoke trigger on ${[...new Set(step.triggers.map(qualifiedName))].join(', ')}`;
     case 'dropSlot':
       return `drop replication slot ${step.name}`;
     case 'dropPublication':
@@ -673,11 +702,11 @@ export function formatSourceStep(step: SourceStep): string {
       return `${title} (outside a transaction: a slot cannot be made in one that wrote; one the server gave up, wal_status = 'lost', is made again)\n${dropLostSlotSql(step.name)}\n${createSlotSql(step.name)}`;
     case 'dropRevokeTriggers':
       return [
-        step.keep.length === 0
+        step.keep === null
           ? `${title}: revocations reach the daemon another way`
           : `${title}: no longer purged promptly`,
-        ...step.tables.map((table) => transaction([dropTriggerSql(table, REVOKE_TRIGGER_NAME)])),
-        ...(step.keep.length === 0 ? [transaction(dropRevokeFunctionSql(step.versions))] : []),
+        ...step.triggers.map((table) => transaction([dropTriggerSql(table, table.trigger)])),
+        ...(step.keep === null ? [transaction(dropRevokeFunctionSql(step.versions))] : []),
       ].join('\n');
     case 'dropSlot':
       return `${title} (a walsender streaming from it is ended first: SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = ${escapeLiteral(step.name)};)\n${dropSlotSql(step.name)}`;
@@ -705,12 +734,12 @@ export function sourceStepUnits(step: SourceStep): ScriptUnit[] {
       ];
     case 'dropRevokeTriggers':
       return [
-        ...step.tables.map((table) => ({
+        ...step.triggers.map((table) => ({
           transaction: true as const,
           comment,
-          statements: [dropTriggerSql(table, REVOKE_TRIGGER_NAME)],
+          statements: [dropTriggerSql(table, table.trigger)],
         })),
-        ...(step.keep.length === 0
+        ...(step.keep === null
           ? [
               {
                 transaction: true as const,
@@ -884,17 +913,14 @@ async function dropRevokeTriggers(
   patience: Patience,
 ): Promise<boolean> {
   const label = sourceStepLabel(step);
-  const kept = new Set(step.keep.map(qualifiedName));
-  const dropped = (await readRevokeTriggers(client)).filter(
-    (table) => !kept.has(qualifiedName(table)),
-  );
+  const dropped = revokeTriggersBut(await readRevokeTriggers(client), step.keep ?? []);
   for (const table of dropped) {
     // DROP TRIGGER takes ACCESS EXCLUSIVE on the table: short attempts, like every DDL here.
     await inShortLockTransactions(client, label, patience, () =>
       client.query(dropTriggerSql(table, table.trigger)),
     );
   }
-  if (step.keep.length > 0) return dropped.length > 0;
+  if (step.keep !== null) return dropped.length > 0;
   const leftovers = await client.query<{ present: boolean }>(
     'SELECT to_regprocedure($1) IS NOT NULL AS present',
     [REVOKE_FUNCTION],

@@ -19,6 +19,7 @@ import type { Config } from './config.js';
 import { createDatabasePool, createPlainClient } from './db.js';
 import {
   applySourceStep,
+  dropAllRevokeTriggers,
   formatSourceStep,
   inShortLockTransactions,
   sourceStepLabel,
@@ -72,7 +73,7 @@ export function buildUninstallPlan(
   return {
     steps: [
       // No version rows to forget: the schema that holds them goes last.
-      { kind: 'dropRevokeTriggers', tables: prompt, keep: [], versions: [] },
+      dropAllRevokeTriggers(prompt, [], []),
       { kind: 'dropSlot', name: slot },
       { kind: 'dropPublication', name: slot },
       ...shapes.flatMap(indexSteps),

@@ -6,6 +6,7 @@ import { runCli, waitFor } from './support/cli.js';
 import { useTestDatabase, type TestDatabase } from './support/database.js';
 import { createReferenceSchema } from './support/fixtures.js';
 import { ALL_SQL_FILES } from './support/sql-files.js';
+import { writeTargetsFile } from './support/targets.js';
 import { truncateName } from '../src/install.js';
 
 const ALL_FILES: readonly string[] = ALL_SQL_FILES;
@@ -386,6 +387,28 @@ describe('install', () => {
       );
       expect(revokeFunction!.present).to.equal(true);
       expect(installFinished(await runCli(['install'], moved)).applied).to.deep.equal([]);
+
+      // No table purged promptly at all: the triggers go, the function stays, so that the
+      // recorded file that made it still tells the truth when a prompt target comes back.
+      const targets = await writeTargetsFile({
+        targets: [{ table: 'rotated_tokens', expiry: { column: 'expires_at' }, notify: false }],
+      });
+      const none = ['--config', targets.path];
+      const environment = { DATABASE_URL: database.url };
+      const printedNone = await runCli(['install', '--print', ...none], environment);
+      expect(printedNone.code, printedNone.stderr).to.equal(0);
+      expect(printedNone.stdout).to.include('-- drop revoke trigger on public.rotated_tokens');
+      expect(printedNone.stdout).not.to.include('DROP FUNCTION');
+      const dropped = installFinished(await runCli(['install', ...none], environment));
+      await targets.remove();
+      expect(dropped.applied).to.include('drop revoke trigger on public.rotated_tokens');
+      expect(await triggers()).to.deep.equal([]);
+      const [kept] = await database.query(
+        `SELECT to_regprocedure('token_reaper.notify_revoked()') IS NOT NULL AS present`,
+      );
+      expect(kept!.present).to.equal(true);
+      installFinished(await runCli(['install'], moved));
+      expect(await triggers()).to.deep.equal(['rotated_tokens']);
     });
   });
 });

@@ -28,8 +28,8 @@
 // indexes), small so that it does not become the slowest of the walk.
 //
 // After each batch the worker pauses for SWEEP_PAUSE_RATIO times that batch's duration
-// (pt-archiver's --sleep-coef): at 5, the default, the sweep holds a connection busy a sixth of
-// the time and leaves the rest to the auth service, whatever the table's cost per page.
+// (pt-archiver's --sleep-coef): at 20, the default, the sweep holds a connection busy a 21st
+// of the time and leaves the rest to the auth service, whatever the table's cost per page.
 import { setTimeout as delay } from 'node:timers/promises';
 
 /** The smallest and largest batch, in heap pages (8 KiB each by default). */
