@@ -201,6 +201,19 @@ for (const { fixture, jestRequiresEsm } of FIXTURES) {
         intervalMs: 250,
       });
       expect(await app.close()).to.deep.include({ code: 0 });
+
+      // One configuration owns a database's revoke triggers: that install dropped the trigger
+      // of refresh_tokens, no longer purged promptly. The tests after this one run the app's
+      // usual configuration, so its install runs again, as it would in a real migration back.
+      const triggers = () =>
+        database.query(
+          `SELECT tgrelid::regclass::text AS table FROM pg_trigger
+           WHERE tgname = 'token_reaper_notify_revoked' AND tgparentid = 0 ORDER BY 1`,
+        );
+      expect(await triggers()).to.deep.equal([{ table }]);
+      const restored = await runCli(['install'], { DATABASE_URL: database.url });
+      expect(restored.code, restored.stderr).to.equal(0);
+      expect(await triggers()).to.deep.equal([{ table: 'refresh_tokens' }]);
     });
 
     it('closes during the pause before another attempt, and makes no attempt after', async () => {
